@@ -1,0 +1,112 @@
+"""Encoders and decoder of Unet and HybridUnet (paper §2.2, DESIGN.md §3).
+
+Both take a slab of slices, (B, D, H, W, C). HybridUnet convolves in 3D over the D
+adjacent slices and pools in-plane only, so its bottleneck keeps all D slices for the
+attention. Unet convolves each slice in 2D (it is given D = 1). The decoder works on
+the middle plane only. Convolutions that feed a BatchNorm take no bias.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NUM_LEVELS = 5
+
+
+def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # momentum 0.9 is PyTorch's 0.1; the two-pass variance matches PyTorch numerically.
+  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                       dtype=dtype, rngs=rngs)
+
+
+class ConvBlock(nnx.Module):
+  """(conv 3x3[x3] - BatchNorm - ReLU) x 2 on (B, D, H, W, C) or (B, H, W, C)."""
+
+  def __init__(self, in_features: int, out_features: int, *, spatial_dims: int,
+               dtype=None, rngs: nnx.Rngs):
+    kernel = (3,) * spatial_dims
+    self.conv1 = nnx.Conv(in_features, out_features, kernel, padding=1, use_bias=False,
+                          dtype=dtype, rngs=rngs)
+    self.bn1 = batch_norm(out_features, dtype, rngs)
+    self.conv2 = nnx.Conv(out_features, out_features, kernel, padding=1, use_bias=False,
+                          dtype=dtype, rngs=rngs)
+    self.bn2 = batch_norm(out_features, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    return jax.nn.relu(self.bn2(self.conv2(x)))
+
+
+class Encoder(nnx.Module):
+  """Five ConvBlocks with in-plane 2x2 max pooling between them.
+
+  Call with a slab (B, D, H, W, C_in). Returns the feature maps of the five levels,
+  level k of shape (B, D, H / 2^k, W / 2^k, width * 2^k). With ``hybrid=False`` the
+  convolutions are 2D, applied to each slice alone.
+  """
+
+  def __init__(self, in_features: int, width: int, *, hybrid: bool, dtype=None,
+               rngs: nnx.Rngs):
+    self.hybrid = hybrid
+    dims = 3 if hybrid else 2
+    features = [width * 2**k for k in range(NUM_LEVELS)]
+    self.blocks = nnx.List([
+        ConvBlock(cin, cout, spatial_dims=dims, dtype=dtype, rngs=rngs)
+        for cin, cout in zip([in_features] + features[:-1], features)])
+
+  def __call__(self, slab: jax.Array) -> list[jax.Array]:
+    levels = []
+    x = slab
+    for k, block in enumerate(self.blocks):
+      if k:
+        x = nnx.max_pool(x, (1, 2, 2), strides=(1, 2, 2))
+      x = block(x) if self.hybrid else _per_slice(block, x)
+      levels.append(x)
+    return levels
+
+
+def _per_slice(fn, x):
+  """Applies a 2D module to every slice of (B, D, H, W, C)."""
+  b, d = x.shape[:2]
+  y = fn(x.reshape((b * d,) + x.shape[2:]))
+  return y.reshape((b, d) + y.shape[1:])
+
+
+class DecoderBlock(nnx.Module):
+  """Up-conv 2x2 (stride 2), concat with the skip, ConvBlock; 2D, (B, H, W, C)."""
+
+  def __init__(self, in_features: int, skip_features: int, out_features: int, *,
+               dtype=None, rngs: nnx.Rngs):
+    self.up = nnx.ConvTranspose(in_features, out_features, (2, 2), strides=(2, 2),
+                                padding="VALID", dtype=dtype, rngs=rngs)
+    self.block = ConvBlock(out_features + skip_features, out_features, spatial_dims=2,
+                           dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
+    return self.block(jnp.concatenate([self.up(x), skip], axis=-1))
+
+
+class Decoder(nnx.Module):
+  """Four DecoderBlocks from the bottleneck to full size, then a 1x1 conv to classes.
+
+  Call with the (possibly fused) bottleneck (B, H/16, W/16, C_b) and the middle planes
+  of encoder levels 0-3; returns logits (B, H, W, num_classes).
+  """
+
+  def __init__(self, bottleneck_features: int, width: int, num_classes: int = 2, *,
+               dtype=None, rngs: nnx.Rngs):
+    features = [width * 2**k for k in range(NUM_LEVELS)]
+    ins = [bottleneck_features] + features[NUM_LEVELS - 2:0:-1]
+    outs = features[NUM_LEVELS - 2::-1]
+    self.blocks = nnx.List([
+        DecoderBlock(cin, cout, cout, dtype=dtype, rngs=rngs)
+        for cin, cout in zip(ins, outs)])
+    self.head = nnx.Conv(width, num_classes, (1, 1), dtype=dtype, rngs=rngs)
+
+  def __call__(self, bottleneck: jax.Array, skips: list[jax.Array]) -> jax.Array:
+    x = bottleneck
+    for block, skip in zip(self.blocks, reversed(skips)):
+      x = block(x, skip)
+    return self.head(x)
