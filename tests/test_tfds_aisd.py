@@ -242,6 +242,21 @@ def test_missing_pydicom_message(monkeypatch):
     readers.import_pydicom()
 
 
+def test_split_without_cases_is_left_out(fake, tmp_path):
+  for what in ("image", "mask"):
+    src = os.path.join(fake.root, what, "0073410")
+    dst = tmp_path / "manual" / what / "0073410"
+    dst.mkdir(parents=True)
+    for f in os.listdir(src):
+      (dst / f).write_bytes(open(os.path.join(src, f), "rb").read())
+  _build("png", tmp_path / "manual", tmp_path / "data")
+  assert len(tfds.data_source("aisd/png", data_dir=str(tmp_path / "data"),
+                              split="test", download=False)) == 1
+  with pytest.raises(ValueError, match="Unknown split"):
+    tfds.data_source("aisd/png", data_dir=str(tmp_path / "data"),
+                     split="train", download=False)
+
+
 # -- failures -------------------------------------------------------------------
 
 
