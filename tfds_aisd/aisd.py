@@ -114,7 +114,6 @@ class Aisd(tfds.core.GeneratorBasedBuilder):
             "source": tfds.features.Text(doc='"png" or "dicom"'),
         }),
         supervised_keys=("image", "mask"),
-        homepage="https://github.com/GriffinLiang/AISD",
         # One example per case, written in case id order.
         disable_shuffling=True,
     )
