@@ -1,0 +1,105 @@
+"""Shared helpers of the benchmarks: timing, the matmul ceiling, the results files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def median_seconds(fn, *, repeats: int = 10, warmup: int = 2) -> float:
+  """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+  ``fn`` must block until its result is ready (``block_until_ready`` for JAX).
+  """
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, *, repeats: int = 10, warmup: int = 2) -> dict:
+  """Median time of each callable, run in turn (a, b, c, a, b, c, ...) so that the
+  machine's load drifts affect all of them alike. Returns {name: seconds}."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """The machine's float32 matmul rate (GFLOP/s) in JAX: the ceiling of this run."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32)
+  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
+  seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats=repeats)
+  return 2 * n**3 / seconds / 1e9
+
+
+def machine_info() -> dict:
+  info = {
+      "date": datetime.date.today().isoformat(),
+      "machine": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "jax_backend": jax.default_backend(),
+      "devices": [d.device_kind for d in jax.devices()],
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+  }
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["machine"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  for name in ("flax", "torch"):
+    module = sys.modules.get(name)
+    if module is not None:
+      info[name] = module.__version__
+  return info
+
+
+def write_results(name: str, result: dict, markdown_row: str) -> Path:
+  """Writes results/<name>.json (atomically) and appends a row to RESULTS.md."""
+  RESULTS_DIR.mkdir(exist_ok=True)
+  path = RESULTS_DIR / f"{name}.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(result, indent=2, default=_to_json) + "\n")
+  os.replace(tmp, path)
+  if not RESULTS_MD.exists():
+    RESULTS_MD.write_text("# Benchmark results\n\nOne dated row per run; the JSON of "
+                          "the latest run of each benchmark is in `results/`.\n\n")
+  with open(RESULTS_MD, "a") as f:
+    f.write(markdown_row.rstrip("\n") + "\n")
+  return path
+
+
+def _to_json(value):
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  raise TypeError(f"not JSON serialisable: {type(value)}")
