@@ -1,0 +1,89 @@
+"""The one definition every experiment config shares (the files in configs/ are thin).
+
+Each file in configs/ is ``get_config(arg)`` = ``config.get_config(variant, arg)``, with
+``arg`` the part after ``:`` in ``--config configs/FILE.py:ARG``:
+  ""        the paper's setting on AISD (built with ``python -m tfds_aisd``)
+  "phantom" the same on the synthetic phantom (no download needed)
+  "demo"    a small model on a small phantom: trains and evaluates in minutes on a CPU
+Variants are the rows of Tables 1 and 2 (``sean_jax.models.sean.VARIANTS``).
+"""
+
+import ml_collections
+
+from sean_jax.models.sean import VARIANTS
+
+SETTINGS = ("", "phantom", "demo")
+
+
+def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+  if setting not in SETTINGS:
+    raise ValueError(f"unknown config setting {setting!r}; use one of {SETTINGS}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # Model: fields of sean_jax.models.sean.ModelOptions.
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="hybrid", fusion="none", attention_self=True, attention_symmetry=True,
+      align=False, width=64, slab_slices=3, partitions=(4, 4), num_classes=2,
+      align_input_size=128))
+  c.model.update(VARIANTS[variant])
+
+  # Data.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "aisd"           # aisd | phantom
+  c.data.image_size = 512          # in-plane size the model sees (resampled if needed)
+  c.data.hu_window = (-10.0, 90.0)  # window level 40, width 100 (see docs/phantom.md)
+  c.data.aisd_data_dir = "~/tensorflow_datasets"
+  c.data.aisd_config = "dicom"     # dicom (HU) | png (0..255, not HU)
+  c.data.lesion_labels = (1, 2, 3, 5)  # AISD raw labels counted as lesion (4: not)
+  c.data.phantom_seed = 1234
+  c.data.phantom_slices = 24
+  c.data.num_train_cases = 300     # phantom only; AISD uses its splits
+  c.data.num_val_cases = 30
+  c.data.num_test_cases = 50
+
+  # Optimisation (paper §3.2): Adam(0.9, 0.99), lr 1e-4, poly decay 0.9, 150 epochs.
+  c.batch_size = 8                 # global, over all devices and hosts
+  c.num_epochs = 150
+  c.num_train_steps = -1           # > 0 replaces the epoch count
+  c.learning_rate = 1e-4
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.99
+  c.poly_power = 0.9
+  c.half_precision = False         # bfloat16 activations, float32 params and loss
+
+  # Stage 1: the alignment network (unsupervised), before the segmentation net.
+  c.align = ml_collections.ConfigDict(dict(
+      num_train_steps=3000, batch_size=32, learning_rate=1e-4))
+
+  # Bookkeeping.
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+
+  if setting in ("phantom", "demo"):
+    c.data.source = "phantom"
+    c.data.image_size = 256
+  if setting == "demo":
+    c.model.width = 8
+    c.model.partitions = (2, 2)
+    c.model.align_input_size = 64
+    c.data.image_size = 64
+    c.data.phantom_slices = 12
+    c.data.num_train_cases = 48
+    c.data.num_val_cases = 4
+    c.data.num_test_cases = 12
+    c.batch_size = 8
+    c.num_train_steps = 600
+    c.learning_rate = 1e-3
+    c.align.num_train_steps = 300
+    c.align.batch_size = 16
+    c.align.learning_rate = 1e-3
+    c.log_every_steps = 25
+    c.eval_every_steps = 300
+    c.checkpoint_every_steps = 100
+  return c
