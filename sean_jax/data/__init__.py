@@ -1,0 +1,1 @@
+"""Input data: synthetic phantom (phantom), NIfTI I/O (nifti), preprocessing (preprocess)."""
