@@ -87,8 +87,10 @@ def make_manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state: nnx.State,
          meta: dict) -> None:
+  """Saves asynchronously from a host copy (the device buffers may be donated to the
+  next step while the checkpoint is written)."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state.to_pure_dict()),
+      state=ocp.args.StandardSave(jax.device_get(state.to_pure_dict())),
       meta=ocp.args.JsonSave(meta)))
 
 

@@ -165,15 +165,27 @@ def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
   class, alpha (3,) of the alignment; zeros when the model does not align).
   Call ``model.eval()`` first.
   """
-  alpha = jnp.zeros(3, volume.dtype)
+  volume = jnp.asarray(volume, jnp.float32)
+  alpha = jnp.zeros(3, jnp.float32)
   if model.aligner is not None:
-    volume, alpha = alignment.align_volume(model.aligner, volume, slice_weights)
+    if slice_weights is None:
+      slice_weights = jnp.ones(volume.shape[:1])
+    volume, alpha = _align(model.aligner, volume, jnp.asarray(slice_weights))
   slabs = volume_to_slabs(volume, model.options.slab_slices)
-  probs = []
-  for start in range(0, slabs.shape[0], batch_size):
-    logits = model.segmenter(slabs[start:start + batch_size])
-    probs.append(jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1])
-  probs = jnp.concatenate(probs, axis=0)
+  probs = jnp.concatenate([_lesion_probability(model.segmenter,
+                                               slabs[start:start + batch_size])
+                           for start in range(0, slabs.shape[0], batch_size)])
   if model.aligner is not None:
     probs = alignment.unalign_volume(probs, alpha)
   return probs, alpha
+
+
+@nnx.jit
+def _align(aligner, volume, slice_weights):
+  return alignment.align_volume(aligner, volume, slice_weights)
+
+
+@nnx.jit
+def _lesion_probability(segmenter, slabs):
+  logits = segmenter(slabs)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]

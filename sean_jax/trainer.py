@@ -1,0 +1,318 @@
+"""The training loop (paper §3.2, DESIGN.md §6): stage 1 trains the alignment network
+(unsupervised), stage 2 the segmentation network on input aligned by the frozen
+aligner. Data parallel over every device of every host: the batch is sharded over a
+one-axis mesh, parameters are replicated, and ``jit`` inserts the all-reduces (so the
+BatchNorm statistics are those of the global batch, as on one device).
+
+Steps are counted globally: [0, A) are stage 1, [A, A + S) stage 2. The batch and every
+random choice at step k are pure functions of (seed, k), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sean_jax import checkpointing, losses, plots
+from sean_jax.data import pipeline, sources
+from sean_jax.models import alignment
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def stage_lengths(config, train_source) -> tuple[int, int]:
+  """(alignment steps, segmentation steps) of a run."""
+  if config.num_train_steps > 0:
+    seg_steps = int(config.num_train_steps)
+  else:
+    seg_steps = int(config.num_epochs) * pipeline.steps_per_epoch(train_source,
+                                                                  config.batch_size)
+  align_steps = int(config.align.num_train_steps) if config.model.align else 0
+  return align_steps, seg_steps
+
+
+def check_config(config) -> None:
+  """One-line errors for config values the run cannot use."""
+  checkpointing.model_options(config)  # validates the model fields
+  n = jax.device_count()
+  for name, value in (("batch_size", config.batch_size),
+                      ("align.batch_size", config.align.batch_size)):
+    if value < 1 or value % n:
+      raise ValueError(f"config.{name}={value} must be a positive multiple of the "
+                       f"{n} devices")
+  for name in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+  if not config.learning_rate > 0 or not math.isfinite(config.learning_rate):
+    raise ValueError(f"config.learning_rate must be a positive number, got "
+                     f"{config.learning_rate}")
+  size = config.data.image_size
+  if size % 16:
+    raise ValueError(f"config.data.image_size={size} must divide by 16")
+  if config.model.align and size % config.model.align_input_size:
+    raise ValueError(f"config.data.image_size={size} must be a multiple of "
+                     f"config.model.align_input_size={config.model.align_input_size}")
+
+
+def _guarded(new_state, old_state, loss):
+  """Keeps the old state where the loss is not finite: a NaN never reaches params."""
+  finite = jnp.isfinite(loss)
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state), finite
+
+
+def make_train_steps(graphdef, replicated, data_sharding):
+  """Jitted (state, batch) -> (state, metrics) for both stages."""
+
+  def seg_step(state, batch):
+    ts = nnx.merge(graphdef, state)
+
+    def loss_fn(segmenter):
+      return losses.segmentation_loss(segmenter(batch["slab"]), batch["mask"])
+
+    loss, grads = nnx.value_and_grad(loss_fn)(ts.model.segmenter)
+    ts.seg_opt.update(ts.model.segmenter, grads)
+    new_state, finite = _guarded(nnx.state(ts), state, loss)
+    return new_state, {"loss": loss, "finite": finite}
+
+  def align_step(state, batch):
+    ts = nnx.merge(graphdef, state)
+
+    def loss_fn(aligner):
+      alpha = aligner(batch["image"])
+      return alignment.alignment_loss(batch["image"], alpha), alpha
+
+    (loss, alpha), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model.aligner)
+    ts.align_opt.update(ts.model.aligner, grads)
+    new_state, finite = _guarded(nnx.state(ts), state, loss)
+    return new_state, {"loss": loss, "finite": finite,
+                       "rot_err_deg": _nanmean(jnp.degrees(
+                           jnp.abs(alpha[:, 0] - batch["pose"][:, 0])))}
+
+  jit = lambda f: jax.jit(f, in_shardings=(replicated, data_sharding),
+                          out_shardings=(replicated, replicated), donate_argnums=0)
+  return jit(seg_step), jit(align_step)
+
+
+def _nanmean(x):
+  ok = jnp.isfinite(x)
+  return jnp.where(ok.any(), jnp.sum(jnp.where(ok, x, 0)) / jnp.maximum(ok.sum(), 1),
+                   jnp.nan)
+
+
+def _global_batch(batch: dict, keys, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in keys}
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON object per logged step; entries past a resumed step are
+  dropped, so the file tells the story of the checkpointed run."""
+
+  def __init__(self, path: Path, resume_step: int, enabled: bool):
+    self.path, self.enabled = path, enabled
+    if enabled and path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and _json_step(line) <= resume_step]
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text("".join(line + "\n" for line in kept))
+      os.replace(tmp, path)
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _json_step(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+    return 0
+
+
+def _format_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains (or resumes) the run in ``workdir``; returns the final validation metrics."""
+  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  workdir = Path(workdir)
+  is_chief = jax.process_index() == 0
+  check_config(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  train_source = sources.case_source(config, "train")
+  val_source = sources.case_source(config, "validation")
+  align_steps, seg_steps = stage_lengths(config, train_source)
+  total_steps = align_steps + seg_steps
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+  train_state = checkpointing.TrainState(config, seg_steps,
+                                         rngs=nnx.Rngs(config.seed))
+  graphdef, state = nnx.split(train_state)
+  manager = checkpointing.make_manager(workdir / "checkpoints",
+                                       config.max_checkpoints_to_keep)
+  best_manager = checkpointing.make_manager(workdir / "checkpoints_best", 1)
+  step, best_dice = 0, -1.0
+  if manager.latest_step() is not None:
+    state, meta = checkpointing.restore(manager, manager.latest_step(), state)
+    step, best_dice = int(meta["step"]), float(meta.get("best_dice", -1.0))
+    print(f"resuming from {workdir / 'checkpoints'} at step {step}/{total_steps}",
+          flush=True)
+  elif is_chief:
+    checkpointing.save_config(config, workdir)
+  state = jax.device_put(state, replicated)
+  log = MetricsLog(workdir / "metrics.jsonl", step, is_chief)
+  seg_step, align_step = make_train_steps(graphdef, replicated, data_sharding)
+
+  def save(at_step):
+    checkpointing.save(manager, at_step, state, {"step": at_step,
+                                                 "best_dice": best_dice})
+
+  def evaluate_now(at_step):
+    nonlocal best_dice
+    model = nnx.merge(graphdef, state).model
+    model.eval()
+    result = evaluate.evaluate_cases(model, pipeline.make_eval_cases(val_source))
+    result.pop("cases", None)
+    log.write({"step": at_step, "eval": result, "split": "validation"})
+    dice = result.get("dice_case_mean", float("nan"))
+    print(f"step {at_step}: validation dice {dice:.4f}", flush=True)
+    if dice > best_dice:
+      best_dice = dice
+      checkpointing.save(best_manager, at_step, state, {"step": at_step,
+                                                        "best_dice": best_dice})
+    return result
+
+  stop_requested = []  # SIGINT/SIGTERM: finish the step in flight, save, stop.
+
+  def request_stop(signum, _):
+    if stop_requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, keep the last checkpoint
+    stop_requested.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping after this step, saving a "
+          f"checkpoint (Ctrl-C again to abort)", flush=True)
+
+  previous_handlers = {sig: signal.signal(sig, request_stop)
+                       for sig in (signal.SIGINT, signal.SIGTERM)}
+  result = {}
+  try:
+    pending, start_time, start_step = [], time.time(), step
+    # Stage 1: the alignment network.
+    if step < align_steps:
+      batches = pipeline.make_alignment_iterator(
+          train_source, batch_size=config.align.batch_size, seed=config.seed,
+          start_step=step)
+      while step < align_steps and not stop_requested:
+        batch = _global_batch(next(batches), ("image", "pose"), data_sharding)
+        state, metrics = align_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        pending = _bookkeeping(config, step, total_steps, "align", pending, log,
+                               start_time, start_step, save)
+      if step == align_steps and not stop_requested:
+        pending = _flush(pending, step, total_steps, "align", log, start_time,
+                         start_step)
+        save(step)
+    # Stage 2: the segmentation network on aligned input.
+    if step < total_steps and not stop_requested:
+      align_fn = None
+      if config.model.align:
+        aligner = nnx.merge(graphdef, state).model.aligner
+        align_fn = pipeline.alignment_hook(aligner)
+      batches = pipeline.make_train_iterator(
+          train_source, batch_size=config.batch_size,
+          slab_slices=config.model.slab_slices, seed=config.seed,
+          start_step=step - align_steps, align_fn=align_fn)
+      while step < total_steps and not stop_requested:
+        batch = _global_batch(next(batches), ("slab", "mask"), data_sharding)
+        state, metrics = seg_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        pending = _bookkeeping(config, step, total_steps, "segment", pending, log,
+                               start_time, start_step, save)
+        if step % config.eval_every_steps == 0 and step < total_steps:
+          evaluate_now(step)
+    _flush(pending, step, total_steps, "segment", log, start_time, start_step)
+    if stop_requested:
+      save(step)
+      print(f"stopped at step {step}/{total_steps}; checkpoint saved, run again to "
+            f"resume", flush=True)
+      result = {"stopped_at_step": step}
+    elif step >= total_steps:
+      if manager.latest_step() != step:
+        save(step)
+      result = evaluate_now(step)
+      if is_chief:
+        plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
+        model = nnx.merge(graphdef, state).model
+        model.eval()
+        plots.validation_slices(model, val_source, workdir / "validation_slices.png")
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    best_manager.wait_until_finished()
+    best_manager.close()
+    for sig, handler in previous_handlers.items():
+      signal.signal(sig, handler)
+  return result
+
+
+def _check_finite(pending, step):
+  for i, metrics in enumerate(pending):
+    if not bool(metrics["finite"]):
+      bad = step - len(pending) + i + 1
+      raise NonFiniteLossError(
+          f"non-finite loss at step {bad} (loss={float(metrics['loss'])}); stopped "
+          f"without saving, the last good checkpoint is intact. Lower the learning "
+          f"rate or check the data.")
+
+
+def _flush(pending, step, total_steps, stage, log, start_time, start_step):
+  if not pending:
+    return []
+  _check_finite(pending, step)
+  loss = float(np.mean([float(m["loss"]) for m in pending]))
+  elapsed = time.time() - start_time
+  rate = (step - start_step) / max(elapsed, 1e-9)
+  record = {"step": step, "stage": stage, "loss": loss, "steps_per_sec": rate,
+            "elapsed_s": elapsed}
+  rot = [float(m["rot_err_deg"]) for m in pending if "rot_err_deg" in m]
+  if rot and np.isfinite(rot).any():
+    record["rot_err_deg"] = float(np.nanmean(rot))
+  log.write(record)
+  eta = (total_steps - step) / max(rate, 1e-9)
+  extra = f" rot err {record['rot_err_deg']:.2f} deg" if "rot_err_deg" in record else ""
+  print(f"step {step}/{total_steps} [{stage}] loss {loss:.4f}{extra} "
+        f"{rate:.2f} steps/s, {_format_time(elapsed)} elapsed, {_format_time(eta)} left",
+        flush=True)
+  return []
+
+
+def _bookkeeping(config, step, total_steps, stage, pending, log, start_time,
+                 start_step, save):
+  if step % config.log_every_steps == 0:
+    pending = _flush(pending, step, total_steps, stage, log, start_time, start_step)
+  if step % config.checkpoint_every_steps == 0:
+    _check_finite(pending, step)
+    save(step)
+  return pending
