@@ -136,7 +136,7 @@ def save_preview(cases, path, n_slices=5):
   from sean_jax.data.nifti import atomic_output
   try:
     with atomic_output(path, ".png") as tmp:
-      fig.savefig(tmp, dpi=100, facecolor="black")
+      fig.savefig(tmp, dpi=90, facecolor="black")
   finally:
     plt.close(fig)
 

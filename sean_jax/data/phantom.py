@@ -508,7 +508,9 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
         continue
       win, occ_l, het = o
       les_occ[win] = np.maximum(les_occ[win], occ_l)
-      les_drop[win] = np.maximum(les_drop[win], occ_l * _f32(les["contrast"]) * het)
+      drop = np.minimum(occ_l * _f32(les["contrast"]) * np.clip(het, 0.8, 1.2),
+                        _f32(cfg.lesion_contrast_hu[1]))
+      les_drop[win] = np.maximum(les_drop[win], drop)
 
   half_w = _f32(A["sulcus_w"] / 2) * (1.0 + 1.2 * np.exp(-np.maximum(db_conv, 0) / 2.5)) * (1.0 - 0.6 * les_occ)
   sulcus_d = np.maximum(ds - half_w, 0.0)
@@ -519,20 +521,26 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
   # Sylvian fissure at mid levels: a lateral cleft curving forward as it deepens, and
   # the thin insular cistern along the insula at its bottom; lined by cortex.
   syl_phi = np.radians(_f32(A["sylvian_phi"]))
-  syl_z = _smooth(16.0 - np.abs(Z + 2.0), 10.0)
   syl_depth = _f32(A["sylvian_depth"])
-  r_safe = np.maximum(r2d, 1.0)
-  syl_ds = np.abs(aphi - syl_phi + 0.012 * np.maximum(db_conv, 0.0)) * r_safe
-  syl_half = _f32(A["sylvian_w"] / 2) * (0.6 + np.exp(-np.maximum(db_conv, 0) / 4.0))
-  syl_dist = np.sqrt(np.maximum(syl_ds - syl_half, 0) ** 2
-                     + np.maximum(db_conv - syl_depth, 0) ** 2)
-  ins_dist = np.sqrt(np.maximum(np.abs(db_conv - syl_depth) - 1.0, 0) ** 2
-                     + np.maximum(np.abs(aphi - syl_phi + 0.012 * syl_depth + 0.05) * r_safe - 14.0, 0) ** 2)
-  syl_dist = np.minimum(syl_dist, ins_dist)
-  syl = _ramp(-syl_dist, aa) * syl_z
-  cortical_dist = np.where(syl_z > 0.5, np.minimum(cortical_dist, syl_dist), cortical_dist)
-  sulcus_occ = np.maximum(sulcus_occ, syl)
-  del syl_ds, syl, syl_dist, syl_half, ins_dist, r_safe
+  zs = np.flatnonzero(np.abs(grid.z + 2.0) < 21.0)  # slices where the fissure shows
+  if zs.size:
+    k = slice(int(zs[0]), int(zs[-1]) + 1)
+    kx = slice(None) if grid.shared else k
+    syl_z = _smooth(16.0 - np.abs(Z[k] + 2.0), 10.0)
+    dbk, aphk = db_conv[k], aphi[kx]
+    r_safe = np.maximum(r2d[kx], 1.0)
+    syl_ds = np.abs(aphk - syl_phi + 0.012 * np.maximum(dbk, 0.0)) * r_safe
+    syl_half = _f32(A["sylvian_w"] / 2) * (0.6 + np.exp(-np.maximum(dbk, 0) / 4.0))
+    syl_dist = np.sqrt(np.maximum(syl_ds - syl_half, 0) ** 2
+                       + np.maximum(dbk - syl_depth, 0) ** 2)
+    ins_dist = np.sqrt(np.maximum(np.abs(dbk - syl_depth) - 1.0, 0) ** 2
+                       + np.maximum(np.abs(aphk - syl_phi + 0.012 * syl_depth + 0.05) * r_safe
+                                    - 14.0, 0) ** 2)
+    syl_dist = np.minimum(syl_dist, ins_dist)
+    cortical_dist[k] = np.where(syl_z > 0.5, np.minimum(cortical_dist[k], syl_dist),
+                                cortical_dist[k])
+    sulcus_occ[k] = np.maximum(sulcus_occ[k], _ramp(-syl_dist, aa) * syl_z)
+    del syl_ds, syl_dist, syl_half, ins_dist, r_safe, dbk, aphk
 
   tissue = np.full(shape, _f32(A["wm"]), np.float32)
   gm_occ = _smooth(_f32(A["cortex"]) - cortical_dist, 1.5)
