@@ -211,7 +211,8 @@ def _ellipsoid_distance(X, Y, Z, centre, semi, yaw_deg=0.0):
   """First-order signed distance (mm, positive inside) to a yawed ellipsoid."""
   u, v, w = X - np.float32(centre[0]), Y - np.float32(centre[1]), Z - np.float32(centre[2])
   if yaw_deg:
-    ca, sa = np.float32(math.cos(math.radians(yaw_deg))), np.float32(math.sin(math.radians(yaw_deg)))
+    yaw = math.radians(yaw_deg)
+    ca, sa = np.float32(math.cos(yaw)), np.float32(math.sin(yaw))
     u, v = ca * u + sa * v, -sa * u + ca * v
   a, b, c = (np.float32(s) for s in semi)
   f = np.sqrt((u / a) ** 2 + (v / b) ** 2 + (w / c) ** 2)
@@ -465,7 +466,8 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
   _blend(ct, occ, _f32(A["scalp_hu"]))
   labels[occ > 0.5] = _L["soft_tissue"]
   u_bone = np.clip((d_head - _f32(A["scalp"])) / skull_t, 0.0, 1.0)
-  bone_hu = _f32(A["table_hu"]) - _f32(A["table_hu"] - A["diploe_hu"]) * np.sin(np.pi * u_bone) ** 2
+  bone_hu = (_f32(A["table_hu"])
+             - _f32(A["table_hu"] - A["diploe_hu"]) * np.sin(np.pi * u_bone) ** 2)
   occ = _ramp(d_head - _f32(A["scalp"]), aa)
   _blend(ct, occ, bone_hu)
   labels[occ > 0.5] = _L["bone"]
@@ -512,7 +514,8 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
                         _f32(cfg.lesion_contrast_hu[1]))
       les_drop[win] = np.maximum(les_drop[win], drop)
 
-  half_w = _f32(A["sulcus_w"] / 2) * (1.0 + 1.2 * np.exp(-np.maximum(db_conv, 0) / 2.5)) * (1.0 - 0.6 * les_occ)
+  half_w = (_f32(A["sulcus_w"] / 2) * (1.0 + 1.2 * np.exp(-np.maximum(db_conv, 0) / 2.5))
+            * (1.0 - 0.6 * les_occ))  # wider at the surface, narrowed by swelling
   sulcus_d = np.maximum(ds - half_w, 0.0)
   fundus = np.sqrt(sulcus_d ** 2 + np.maximum(db_conv - sd, 0.0) ** 2)
   cortical_dist = np.minimum(np.maximum(db, 0.0), fundus)  # distance to the pial surface
@@ -652,7 +655,7 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
                                                (12.5 / max(vs, 1.0) ** 0.3, 10.5, 16.0)), aa)))
     vent_occ[win] = np.maximum(vent_occ[win], ring)
   csf_occ = np.maximum(csf_occ, vent_occ)
-  # CSF spaces never lie in a lesion-free... they simply replace the tissue.
+  # CSF replaces tissue (and with it any lesion or distractor hypodensity).
   brain_hu = tissue + csf_occ * (_f32(A["csf"]) - tissue)
   tis_label[csf_occ > 0.5] = _L["csf"]
   tis_label[(old_occ > 0.5) & (csf_occ <= 0.5)] = _L["old_infarct"]
@@ -722,13 +725,14 @@ def generate_case(seed: int, index: int, config: PhantomConfig = PhantomConfig()
     slice_poses = [{"rotation_deg": float(a), "shift_x_px": float(x), "shift_y_px": float(y)}
                    for a, x, y in zip(angles, shift_x, shift_y)]
   info = {"lesion_planned": has_lesion, "lesion_side": lesion_side if has_lesion else 0.0,
-          "lesions": [{k: v for k, v in l.items() if k != "field"} for l in lesions] if has_lesion else [],
+          "lesions": ([{k: v for k, v in les.items() if k != "field"} for les in lesions]
+                      if has_lesion else []),
           "old_infarct": dis["old"], "calcifications": dis["calc"],
           "symmetric_hypodensity": (dis["sym"] or {}).get("kind"),
           "z_mm": [float(z) for z in z_mm], "noise_sd_hu": noise_sd,
           "crop": (grid.r0, grid.r1, grid.c0, grid.c1),
           "tissue_hu": {k: float(A[k]) for k in ("wm", "gm", "deep", "csf", "scalp_hu")}}
-  return PhantomCase(case_id=f"phantom_{seed:04d}_{index:05d}", ct_hu=ct.astype(np.float32),
+  return PhantomCase(case_id=f"phantom_{seed:04d}_{index:05d}", ct_hu=ct,
                      mask=mask, pose=pose,
                      spacing_mm=(float(cfg.slice_spacing_mm), sp, sp), labels=labels,
                      slice_poses=slice_poses, info=info)
