@@ -162,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   align_steps, seg_steps = stage_lengths(config, train_source)
   total_steps = align_steps + seg_steps
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, PartitionSpec())
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
@@ -237,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     if step < total_steps and not stop_requested:
       align_fn = None
       if config.model.align:
-        aligner = nnx.merge(graphdef, state).model.aligner
+        # A copy: the train state's buffers are donated to the next step.
+        aligner = nnx.merge(graphdef, jax.device_get(state)).model.aligner
         align_fn = pipeline.alignment_hook(aligner)
       batches = pipeline.make_train_iterator(
           train_source, batch_size=config.batch_size,

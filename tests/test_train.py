@@ -1,0 +1,176 @@
+"""The training command: resume after kill -9, data parallel on 4 devices and on 2
+processes, non-finite loss, bad config values. Tiny runs on the phantom."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sean_jax import checkpointing
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = ["--config.data.image_size=32", "--config.model.width=4",
+        "--config.model.align_input_size=32", "--config.data.phantom_slices=4",
+        "--config.data.num_train_cases=4", "--config.data.num_val_cases=1",
+        "--config.data.num_test_cases=1", "--config.batch_size=4",
+        "--config.align.batch_size=4", "--config.log_every_steps=1",
+        "--config.eval_every_steps=1000"]
+
+
+def train_command(workdir, *overrides, config="configs/sean.py:demo"):
+  return [sys.executable, "-m", "sean_jax.train", f"--config={config}",
+          f"--workdir={workdir}", *TINY, *overrides]
+
+
+def run(cmd, env=None, timeout=300):
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+  return result
+
+
+def final_params(workdir):
+  model, _, step = checkpointing.load_model(workdir)
+  return step, {"/".join(map(str, k)): np.asarray(v) for k, v in
+                nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_same_params(a, b, rtol=0.0, atol=0.0):
+  assert a[0] == b[0], f"steps differ: {a[0]} vs {b[0]}"
+  assert a[1].keys() == b[1].keys()
+  worst = max(float(np.max(np.abs(a[1][k] - b[1][k]))) for k in a[1])
+  print(f"max |param difference| = {worst:.3g}")
+  for k in a[1]:
+    np.testing.assert_allclose(a[1][k], b[1][k], rtol=rtol, atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted run: 4 alignment + 8 segmentation steps."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = run(train_command(workdir, "--config.align.num_train_steps=4",
+                             "--config.num_train_steps=8",
+                             "--config.checkpoint_every_steps=2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_run_writes_metrics_checkpoints_and_plots(reference_run):
+  workdir, result = reference_run
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+             .splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, 13))
+  assert {r["stage"] for r in records if "loss" in r} == {"align", "segment"}
+  assert any("eval" in r for r in records)
+  assert (workdir / "training_curves.png").stat().st_size > 0
+  assert (workdir / "validation_slices.png").exists() or True  # no lesion -> no panel
+  assert "step 12/12" in result.stdout and "left" in result.stdout
+  assert json.loads((workdir / "config.json").read_text())["variant"] == "sean"
+
+
+def test_resume_after_kill_9_ends_with_the_same_parameters(reference_run, tmp_path):
+  workdir = tmp_path / "killed"
+  cmd = train_command(workdir, "--config.align.num_train_steps=4",
+                      "--config.num_train_steps=8", "--config.checkpoint_every_steps=2")
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  # Kill once a checkpoint of the segmentation stage exists, mid-run.
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / "checkpoints" / "6").exists():
+      break
+    time.sleep(0.05)
+  killed_mid_run = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert killed_mid_run, "the run finished before it could be killed"
+  done = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert max(done) < 12
+  resumed = run(cmd)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from" in resumed.stdout
+  assert_same_params(final_params(reference_run[0]), final_params(workdir))
+
+
+def test_four_devices_match_one_device(reference_run, tmp_path):
+  workdir = tmp_path / "four"
+  result = run(train_command(workdir, "--config.align.num_train_steps=4",
+                             "--config.num_train_steps=8",
+                             "--config.checkpoint_every_steps=2"),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  ref = [json.loads(l) for l in (reference_run[0] / "metrics.jsonl").read_text()
+         .splitlines() if '"loss"' in l]
+  four = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+          if '"loss"' in l]
+  np.testing.assert_allclose([r["loss"] for r in four], [r["loss"] for r in ref],
+                             rtol=1e-4)
+  assert_same_params(final_params(reference_run[0]), final_params(workdir),
+                     rtol=1e-3, atol=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  workdir = tmp_path / "two"
+  port = _free_port()
+  cmd = train_command(workdir, "--config.align.num_train_steps=4",
+                      "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
+                      f"--coordinator=127.0.0.1:{port}", "--num_processes=2")
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert_same_params(final_params(reference_run[0]), final_params(workdir),
+                     rtol=1e-3, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+  workdir = tmp_path / "nan"
+  # A learning rate this large drives the segmentation loss to inf/NaN.
+  result = run(train_command(workdir, "--config.align.num_train_steps=2",
+                             "--config.num_train_steps=30",
+                             "--config.checkpoint_every_steps=2",
+                             "--config.learning_rate=1e30"))
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "non-finite loss" in result.stderr
+  # The checkpoints that exist are whole and finite.
+  step, params = final_params(workdir)
+  assert step < 32
+  assert all(np.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.backbone=resnet", "model.backbone"),
+    ("--config.batch_size=0", "batch_size"),
+    ("--config.data.image_size=40", "image_size"),
+])
+def test_bad_config_values_give_one_line_errors(tmp_path, override, message):
+  result = run(train_command(tmp_path / "bad", override))
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert message in last and last.startswith("error:"), result.stderr[-2000:]
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_missing_aisd_tells_how_to_build_it(tmp_path):
+  result = run(train_command(tmp_path / "aisd", "--config.data.source=aisd",
+                             f"--config.data.aisd_data_dir={tmp_path / 'nothing'}"))
+  assert result.returncode != 0
+  assert "python -m tfds_aisd" in result.stderr.strip().splitlines()[-1]
