@@ -1,0 +1,451 @@
+"""Evaluates a trained model on a test set, as in the paper's Table 1 (DESIGN.md §7).
+
+    python -m sean_jax.evaluate --workdir DIR [--split test|validation]
+        [--checkpoint latest|best] [--data DIR_OF_NIFTI] [--config FILE.py[:ARG]]
+        [--threshold 0.5] [--connectivity 26] [--overlap any|fraction|iou]
+        [--min-overlap 0.5] [--max-cases N] [--output FILE.json]
+
+The model and its config come from the workdir (``checkpointing.load_model``). The cases
+come from the run's config: the phantom's test (or validation) cases, or the AISD TFDS
+split; ``--data`` evaluates a folder of ``<id>_ct.nii.gz`` + ``<id>_mask.nii.gz`` (+
+``<id>.json`` pose) instead, as ``python -m sean_jax.phantom`` writes them. ``--config``
+replaces the run's data settings (the model settings must be the checkpoint's).
+
+Every case goes through the pipeline's preprocessing (HU window, z-score, in-plane
+resize to ``config.data.image_size``), ``segment_volume`` (alignment with the brain
+slices of ``preprocess.brain_slice_weights``), and ``probability > threshold``. Metrics
+are computed on that model grid (see ``sean_jax.metrics`` and docs/evaluation.md).
+
+Results go to ``DIR/eval.json`` (test split), ``DIR/eval_validation.json`` or
+``DIR/eval_<data folder name>.json``, written atomically, unless ``--output`` says
+otherwise; a table in the paper's format is printed. Errors (missing workdir or
+checkpoint, corrupt config, missing data): one line on stderr naming the path, exit 1;
+bad arguments exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sean_jax import metrics
+
+__all__ = ["evaluate_cases", "summarize", "format_table", "load_eval", "main"]
+
+SPLITS = ("test", "validation")
+
+
+# --------------------------------------------------------------------- evaluation
+
+
+def _cases_of(cases):
+  """Iterates a case source (``len`` + ``[]``) or any iterable of case dicts."""
+  if hasattr(cases, "__len__") and hasattr(cases, "__getitem__") and not isinstance(
+      cases, (list, tuple, dict)):
+    return (cases[i] for i in range(len(cases)))
+  return iter(cases)
+
+
+def _finite_pose(pose):
+  if pose is None:
+    return None
+  pose = np.asarray(pose, np.float64).reshape(-1)
+  return pose if pose.shape == (3,) and np.all(np.isfinite(pose)) else None
+
+
+def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: int = 26,
+                  overlap: str = "any", min_overlap: float = 0.5,
+                  batch_size: int = 8) -> tuple[dict, np.ndarray, np.ndarray]:
+  """One case: (row of metrics, probabilities (S, H, W), alpha (3,)).
+
+  ``case`` is a pipeline case dict (``image`` preprocessed (S, H, W), ``mask`` 0/1,
+  optional ``pose`` alpha or NaN, ``spacing_mm``). ``model`` must be in eval mode.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
+
+  case_id = str(case.get("case_id", "?"))
+  image = np.asarray(case["image"], np.float32)
+  ref = np.asarray(case["mask"]) != 0
+  if image.ndim != 3 or ref.shape != image.shape:
+    raise ValueError(f"case {case_id}: image {image.shape} / mask {ref.shape} must be "
+                     f"equal (S, H, W) shapes")
+  start = time.perf_counter()
+  weights = preprocess.brain_slice_weights(image)
+  probs, alpha = segment_volume(model, jnp.asarray(image), jnp.asarray(weights),
+                                batch_size=batch_size)
+  probs = np.asarray(probs, np.float32)
+  alpha = np.asarray(alpha, np.float64)
+  seconds = time.perf_counter() - start
+  pred = probs > threshold
+  counts = metrics.detection_counts(pred, ref, connectivity=connectivity,
+                                    overlap=overlap, min_overlap=min_overlap)
+  inter = int(np.count_nonzero(pred & ref))
+  row = {"case_id": case_id, "dice": metrics.dice(pred, ref),
+         "has_lesion": bool(ref.any()), "ref_voxels": int(ref.sum()),
+         "pred_voxels": int(pred.sum()), "intersection": inter, **counts.as_dict(),
+         "seconds": seconds, "alpha": [float(a) for a in alpha],
+         "rot_err_deg": None, "shift_err_px": None, "shift_err_mm": None}
+  true_alpha = _finite_pose(case.get("pose"))
+  if true_alpha is not None and model.aligner is not None:
+    height, width = image.shape[1:]
+    rot, shift = metrics.alignment_error(alpha, true_alpha, height, width)
+    row.update(rot_err_deg=rot, shift_err_px=shift)
+    spacing = np.asarray(case.get("spacing_mm", [np.nan] * 3), np.float64).reshape(-1)
+    if spacing.shape == (3,) and np.isfinite(spacing[2]):
+      row["shift_err_mm"] = shift * float(spacing[2])
+  return row, probs, alpha
+
+
+def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 26,
+                   overlap: str = "any", min_overlap: float = 0.5, batch_size: int = 8,
+                   max_cases: int | None = None, progress=None) -> dict:
+  """Segments every case and scores it; returns aggregates plus per-case ``"cases"``.
+
+  Args:
+    model: a ``Sean``. Evaluated on a copy in eval mode (the caller's mode is kept).
+    cases: a case source (``len`` and ``[i]``) or an iterable of pipeline case dicts.
+    threshold: a voxel is lesion where its probability is ``> threshold``.
+    connectivity, overlap, min_overlap: infarct-level rules (``sean_jax.metrics``).
+    batch_size: slabs per forward pass.
+    max_cases: stop after this many cases.
+    progress: optional ``progress(row)`` called after each case.
+
+  Returns:
+    :func:`summarize` of the rows, with ``"cases"`` (the rows) added.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  metrics.detection_counts(np.zeros((1, 1, 1), bool), np.zeros((1, 1, 1), bool),
+                           connectivity=connectivity, overlap=overlap,
+                           min_overlap=min_overlap)  # validates the options early
+  model = nnx.clone(model)
+  model.eval()
+  rows = []
+  for case in _cases_of(cases):
+    if max_cases is not None and len(rows) >= max_cases:
+      break
+    row, _, _ = evaluate_case(model, case, threshold=threshold,
+                              connectivity=connectivity, overlap=overlap,
+                              min_overlap=min_overlap, batch_size=batch_size)
+    rows.append(row)
+    if progress is not None:
+      progress(row)
+  result = summarize(rows)
+  result.update(threshold=float(threshold), connectivity=int(connectivity),
+                overlap=overlap, min_overlap=float(min_overlap) if overlap != "any"
+                else None)
+  result["cases"] = rows
+  return result
+
+
+def _mean(values):
+  values = [float(v) for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def summarize(rows: list[dict]) -> dict:
+  """Aggregates per-case rows (e.g. gathered from several hosts).
+
+  ``dice_case_mean``: mean of the per-case Dice over all cases (the paper's Dice);
+  ``dice_case_mean_lesion_cases``: the same over cases with a reference lesion (None if
+  none); ``dice_global``: Dice of all voxels pooled; ``lesion_precision/recall/f1``: from
+  the summed infarct-level counts; ``rot_err_deg``, ``shift_err_px``, ``shift_err_mm``:
+  means over cases with a known pose (None when no case has one, or the model does not
+  align); ``seconds_per_case``: median wall time of ``segment_volume`` per case (the
+  first case includes compilation).
+  """
+  if not rows:
+    raise ValueError("no cases to evaluate")
+  counts = sum((metrics.DetectionCounts(r["tp_ref"], r["fn_ref"], r["tp_pred"],
+                                        r["fp_pred"]) for r in rows),
+               metrics.DetectionCounts())
+  scores = metrics.detection_scores(counts)
+  gd = metrics.GlobalDice(sum(r["intersection"] for r in rows),
+                          sum(r["ref_voxels"] + r["pred_voxels"] for r in rows))
+  lesion_rows = [r for r in rows if r["has_lesion"]]
+  posed = [r for r in rows if r.get("rot_err_deg") is not None]
+  return {
+      "num_cases": len(rows),
+      "num_lesion_cases": len(lesion_rows),
+      "dice_case_mean": _mean(r["dice"] for r in rows),
+      "dice_case_std": float(np.std([r["dice"] for r in rows])),
+      "dice_case_mean_lesion_cases": _mean(r["dice"] for r in lesion_rows),
+      "dice_global": gd.value(),
+      "lesion_precision": scores["precision"],
+      "lesion_recall": scores["recall"],
+      "lesion_f1": scores["f1"],
+      **{k: int(v) for k, v in counts.as_dict().items()},
+      "num_posed_cases": len(posed),
+      "rot_err_deg": _mean(r["rot_err_deg"] for r in posed),
+      "shift_err_px": _mean(r["shift_err_px"] for r in posed),
+      "shift_err_mm": _mean(r.get("shift_err_mm") for r in posed),
+      "seconds_per_case": float(np.median([r["seconds"] for r in rows])),
+  }
+
+
+# ------------------------------------------------------------------------ output
+
+
+def _fmt(value, digits=4):
+  return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+      else f"{value:.{digits}f}"
+
+
+def format_table(result: dict, name: str | None = None) -> str:
+  """The paper's Table 1 columns (Dice, F1, Recall, Precision) and the alignment error."""
+  name = name or result.get("variant") or "model"
+  m = result.get("metrics", result)
+  lines = ["| Method | Dice | F1 | Recall | Precision |",
+           "| --- | --- | --- | --- | --- |",
+           f"| {name} | {_fmt(m['dice_case_mean'])} | {_fmt(m['lesion_f1'])} | "
+           f"{_fmt(m['lesion_recall'])} | {_fmt(m['lesion_precision'])} |", ""]
+  lines.append(f"Dice: mean of per-case 3D Dice over {m['num_cases']} cases; over the "
+               f"{m['num_lesion_cases']} cases with a lesion "
+               f"{_fmt(m['dice_case_mean_lesion_cases'])}; global (all voxels pooled) "
+               f"{_fmt(m['dice_global'])}.")
+  lines.append(f"Infarct level ({m.get('connectivity', 26)}-connected, overlap "
+               f"{m.get('overlap', 'any')}): {m['tp_ref']} of {m['tp_ref'] + m['fn_ref']}"
+               f" lesions found; {m['fp_pred']} of {m['tp_pred'] + m['fp_pred']} "
+               f"predicted components false positive.")
+  if m.get("rot_err_deg") is not None:
+    mm = "" if m.get("shift_err_mm") is None else f" ({m['shift_err_mm']:.2f} mm)"
+    lines.append(f"Alignment error over {m['num_posed_cases']} cases with a known pose: "
+                 f"|dθ| {m['rot_err_deg']:.2f} deg, |dx| {m['shift_err_px']:.2f} px{mm}.")
+  else:
+    lines.append("Alignment error: n/a (no known pose, or the model does not align).")
+  lines.append(f"Time: {m['seconds_per_case']:.2f} s per case (median).")
+  return "\n".join(lines)
+
+
+def load_eval(path) -> dict:
+  """Reads an ``eval.json`` (a file, or a workdir holding ``eval.json``)."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / "eval.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such file; run python -m sean_jax.evaluate "
+                            f"--workdir {path.parent} first")
+  try:
+    data = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: corrupt eval JSON ({e})") from None
+  if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+    raise ValueError(f"{path}: not an eval.json of sean_jax.evaluate (no 'metrics')")
+  data["_path"] = str(path)
+  return data
+
+
+def write_json_atomic(obj, path) -> None:
+  from sean_jax.data.nifti import atomic_output  # pylint: disable=g-import-not-at-top
+  with atomic_output(path, ".json") as tmp:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, allow_nan=False)
+      f.write("\n")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line, exit code 2
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class CliError(Exception):
+  """A one-line error for the user (exit code 1)."""
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
+def _parse(argv):
+  p = _ArgumentParser(prog="python -m sean_jax.evaluate",
+                      description="Evaluate a trained workdir (Dice, infarct-level F1, "
+                                  "recall, precision, alignment error).")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--split", choices=SPLITS, default=None,
+                 help="the run's test (default) or validation cases")
+  p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+  p.add_argument("--data", default=None,
+                 help="folder of <id>_ct.nii.gz + <id>_mask.nii.gz (+ <id>.json) to "
+                      "evaluate instead of the config's split")
+  p.add_argument("--lesion-labels", default=None,
+                 help="with --data: mask labels counted as lesion, e.g. 1,2,3,5 "
+                      "(default: masks must be 0/1)")
+  p.add_argument("--config", default=None,
+                 help="FILE.py[:ARG] whose data settings replace the run's")
+  p.add_argument("--threshold", type=float, default=0.5)
+  p.add_argument("--connectivity", type=int, choices=metrics.CONNECTIVITIES, default=26)
+  p.add_argument("--overlap", choices=metrics.OVERLAP_RULES, default="any")
+  p.add_argument("--min-overlap", type=float, default=0.5)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-cases", type=int, default=None)
+  p.add_argument("--output", default=None, help="JSON file to write (default: see doc)")
+  args = p.parse_args(argv)
+  if args.data is not None and args.split is not None:
+    p.error("give --split or --data, not both")
+  if args.lesion_labels is not None and args.data is None:
+    p.error("--lesion-labels only applies with --data")
+  if args.lesion_labels is not None:
+    try:
+      args.lesion_labels = tuple(int(v) for v in args.lesion_labels.split(","))
+    except ValueError:
+      p.error(f"--lesion-labels must be integers separated by commas, got "
+              f"{args.lesion_labels!r}")
+  if not 0.0 <= args.threshold < 1.0:
+    p.error(f"--threshold must lie in [0, 1), got {args.threshold}")
+  if args.overlap != "any" and not 0.0 < args.min_overlap <= 1.0:
+    p.error(f"--min-overlap must lie in (0, 1], got {args.min_overlap}")
+  if args.batch_size < 1 or (args.max_cases is not None and args.max_cases < 1):
+    p.error("--batch-size and --max-cases must be >= 1")
+  args.split = args.split or ("test" if args.data is None else None)
+  return args
+
+
+def load_config_file(spec: str):
+  """``FILE.py[:ARG]`` -> ``get_config(ARG)`` of that file (ml_collections style)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise CliError(f"{path}: config file not found")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_eval_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CliError(f"{path}: cannot load config ({type(e).__name__}: "
+                   f"{_one_line(e)[:300]})") from None
+
+
+def _override_data(config, spec):
+  """The run's config with the data settings of the config file ``spec``."""
+  from sean_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  other = load_config_file(spec)
+  if checkpointing.model_options(other) != checkpointing.model_options(config):
+    raise CliError(f"{spec.partition(':')[0]}: its model settings differ from the "
+                   f"checkpoint's ({checkpointing.model_options(config)}); --config may "
+                   f"change the data settings only")
+  config = config.copy_and_resolve_references()
+  config.data = other.data
+  return config
+
+
+def load_workdir_model(workdir, which: str):
+  """``load_model`` with one-line errors naming the path."""
+  from sean_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise CliError(f"{workdir}: workdir not found" if not workdir.exists()
+                   else f"{workdir}: workdir is not a directory")
+  try:
+    return checkpointing.load_model(workdir, which)
+  except (FileNotFoundError, ValueError) as e:
+    message = _one_line(e)
+    if str(workdir) not in message:
+      message = f"{workdir}: {message}"
+    raise CliError(message) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A config.json with missing fields, or a checkpoint orbax cannot read.
+    raise CliError(f"{workdir}: cannot load the model ({type(e).__name__}: "
+                   f"{_one_line(e)[:300]})") from None
+
+
+def _source(config, args):
+  from sean_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  try:
+    if args.data is not None:
+      return pipeline.NiftiCaseSource(args.data, lesion_labels=args.lesion_labels,
+                                      image_size=config.data.image_size,
+                                      window=tuple(config.data.hu_window))
+    return sources.case_source(config, args.split)
+  except (FileNotFoundError, ValueError) as e:
+    raise CliError(_one_line(e)) from None
+
+
+def _default_output(args) -> Path:
+  workdir = Path(args.workdir)
+  if args.data is not None:
+    name = Path(os.path.abspath(args.data)).name or "data"
+    return workdir / f"eval_{name}.json"
+  return workdir / ("eval.json" if args.split == "test" else f"eval_{args.split}.json")
+
+
+def _one_line_warnings(message, category, filename, lineno, line=None):
+  del filename, lineno, line
+  return f"warning: {_one_line(message)} ({category.__name__})\n"
+
+
+def run(args) -> int:
+  model, config, step = load_workdir_model(args.workdir, args.checkpoint)
+  checkpoint = args.checkpoint
+  if checkpoint == "best" and not (Path(args.workdir) / "checkpoints_best").is_dir():
+    checkpoint = "latest (no best checkpoint)"
+  if args.config is not None:
+    config = _override_data(config, args.config)
+  source = _source(config, args)
+  output = Path(args.output) if args.output else _default_output(args)
+  if not output.parent.is_dir():
+    raise CliError(f"{output.parent}: output directory not found")
+  what = f"--data {args.data}" if args.data else f"{args.split} split"
+  print(f"evaluating {args.workdir} ({config.variant}, step {step}, {checkpoint}) on "
+        f"{what}: {len(source)} cases", flush=True)
+
+  def progress(row):
+    extra = "" if row["rot_err_deg"] is None else \
+        f", |dθ| {row['rot_err_deg']:.1f} deg, |dx| {row['shift_err_px']:.1f} px"
+    print(f"  {row['case_id']}: dice {row['dice']:.4f}, lesions found "
+          f"{row['tp_ref']}/{row['tp_ref'] + row['fn_ref']}, false positives "
+          f"{row['fp_pred']}{extra} ({row['seconds']:.1f} s)", flush=True)
+
+  try:
+    result = evaluate_cases(model, source, threshold=args.threshold,
+                            connectivity=args.connectivity, overlap=args.overlap,
+                            min_overlap=args.min_overlap, batch_size=args.batch_size,
+                            max_cases=args.max_cases, progress=progress)
+  except (FileNotFoundError, ValueError) as e:
+    raise CliError(_one_line(e)) from None
+  rows = result.pop("cases")
+  report = {
+      "variant": str(config.variant), "workdir": os.path.abspath(args.workdir),
+      "split": args.split, "data": None if args.data is None else
+      os.path.abspath(args.data), "data_source": "nifti" if args.data else
+      str(config.data.source), "checkpoint": checkpoint, "step": int(step),
+      "image_size": int(config.data.image_size),
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "metrics": result, "cases": rows}
+  write_json_atomic(report, output)
+  print()
+  print(format_table(report, name=str(config.variant)))
+  print(f"\nwrote {output}")
+  return 0
+
+
+def main(argv=None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  previous, warnings.formatwarning = warnings.formatwarning, _one_line_warnings
+  try:
+    return run(args)
+  except CliError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  finally:
+    warnings.formatwarning = previous
+
+
+if __name__ == "__main__":
+  sys.exit(main())

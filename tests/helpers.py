@@ -1,0 +1,117 @@
+"""Shared test helpers: tiny training workdirs and tiny NIfTI volumes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+TINY_SIZE = 32
+TINY_SLICES = 4
+
+
+def tiny_config(variant: str = "sean"):
+  """The demo config shrunk to a model that runs in milliseconds on 32x32 slices."""
+  from sean_jax import config as config_lib
+  c = config_lib.get_config(variant, "demo")
+  c.model.width = 4
+  c.model.partitions = (2, 2)
+  c.model.align_input_size = TINY_SIZE
+  c.data.image_size = TINY_SIZE
+  c.data.phantom_slices = TINY_SLICES
+  c.data.num_train_cases = 2
+  c.data.num_val_cases = 1
+  c.data.num_test_cases = 2
+  return c
+
+
+def make_tiny_workdir(tmp_path, variant: str = "sean", *, step: int = 1, config=None,
+                      alpha=None, best: bool = False, name: str = "run") -> Path:
+  """A workdir with ``config.json`` and one checkpoint of a freshly initialised model.
+
+  ``alpha``: (theta, tx, ty) the alignment net is made to output for every input (its
+  fc kernel zero, bias set), to test pose handling. ``best``: also write
+  ``checkpoints_best``.
+  """
+  from flax import nnx
+  from sean_jax import checkpointing
+
+  workdir = Path(tmp_path) / name
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = tiny_config(variant) if config is None else config
+  state = fast_train_state(config)
+  if alpha is not None:
+    net = state.model.aligner
+    raw = np.arctanh(np.asarray(alpha, np.float64) / np.asarray(net.max_alpha))
+    net.fc.kernel[...] = np.zeros(net.fc.kernel.shape, np.float32)
+    net.fc.bias[...] = np.asarray(raw, np.float32)
+  checkpointing.save_config(config, workdir)
+  dirs = ["checkpoints"] + (["checkpoints_best"] if best else [])
+  for d in dirs:
+    manager = checkpointing.make_manager(workdir / d, 3)
+    checkpointing.save(manager, step, nnx.state(state), {"step": step})
+    manager.wait_until_finished()
+    manager.close()
+  return workdir
+
+
+def fast_train_state(config, seed: int = 0):
+  """``TrainState(config, 1)`` with its arrays drawn by NumPy, not by JAX initialisers.
+
+  Eager initialisation compiles one XLA program per parameter shape (a minute on a busy
+  2-core machine); here the structure comes from ``nnx.eval_shape`` (no compilation) and
+  the values from NumPy: He-normal kernels, BatchNorm scale/var 1, biases/means 0, the
+  alignment fc zero (identity transform), optimizer moments 0.
+  """
+  import jax
+  from flax import nnx
+  from sean_jax import checkpointing
+
+  abstract = nnx.eval_shape(lambda: checkpointing.TrainState(config, 1, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    shape, dtype = leaf.shape, leaf.dtype
+    last = names[-1]
+    if "opt_state" in names or last in ("bias", "mean") or "fc" in names:
+      return np.zeros(shape, dtype)
+    if last in ("scale", "var"):
+      return np.ones(shape, dtype)
+    if last == "kernel":
+      fan_in = int(np.prod(shape[:-1])) or 1
+      return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+    return np.zeros(shape, dtype)
+
+  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def write_nifti(path, array_file_order, affine=None, dtype=np.int16):
+  """Writes an array as NIfTI exactly as given (file axis order)."""
+  import nibabel as nib
+  affine = np.diag([0.9, 0.9, 5.0, 1.0]) if affine is None else affine
+  img = nib.Nifti1Image(np.asarray(array_file_order).astype(dtype), affine)
+  img.header.set_data_dtype(dtype)
+  nib.save(img, str(path))
+  return Path(path)
+
+
+def oblique_affine():
+  """A non-canonical affine: axes permuted and flipped, rotated a little, offset."""
+  perm = np.array([[0, 0, -5.0], [0.9, 0, 0], [0, -0.9, 0]])  # file axes -> (x, y, z)
+  c, s = math.cos(0.1), math.sin(0.1)
+  rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+  a = np.eye(4)
+  a[:3, :3] = rot @ perm
+  a[:3, 3] = [12.0, -30.0, 40.0]
+  return a
+
+
+def tiny_phantom_case(index: int = 0, size: int = TINY_SIZE, slices: int = TINY_SLICES,
+                      seed: int = 7):
+  from sean_jax.data.phantom import PhantomConfig, generate_case
+  return generate_case(seed, index, PhantomConfig(size=size, slices=slices))
