@@ -1,0 +1,450 @@
+"""Segments acute infarcts on NCCT volumes with a trained workdir.
+
+    python -m sean_jax.predict --workdir DIR --input scan.nii.gz --output mask.nii.gz
+        [--transform pose.json] [--aligned aligned.nii.gz]
+        [--probabilities probs.nii.gz] [--overlay overlay.png]
+        [--checkpoint latest|best] [--threshold 0.5] [--batch-size 8]
+
+    python -m sean_jax.predict --workdir DIR --input IN_DIR --output OUT_DIR
+        [--transform] [--aligned] [--probabilities] [--overlay] ...
+
+Pipeline, per volume (docs/evaluation.md has the details):
+
+1. read with ``sean_jax.data.nifti.load_volume`` (validated; values that do not look like
+   HU give a warning) into model orientation (S, H, W);
+2. ``preprocess.window_and_normalize`` with the run's ``config.data.hu_window``, on the
+   input grid;
+3. if (H, W) is not the model's ``config.data.image_size`` squared: in-plane resize with
+   ``pipeline.resize_volume`` (linear, antialiased: ``jax.image.resize(..., "linear")``'s
+   convention, the resize the model was trained with);
+4. ``segment_volume`` (alignment, segmentation, back to the unaligned grid);
+5. the probabilities are resized back to (H, W) the same way, and the mask is
+   ``probability > threshold`` on the input grid;
+6. outputs in the input file's own shape, axis order, affine and header
+   (``nifti.save_like``): mask uint8 0/1, probabilities float32.
+
+``--transform``: JSON with the estimated pose under the phantom's ground-truth keys
+(``rotation_deg``, ``shift_x_px``, ``shift_y_px``: ``sampler.alpha_to_pose`` with the
+input's in-plane size, so pixels are input pixels), plus ``alpha`` and context.
+``--aligned``: the input (HU) moved by the estimated transform, on the *input* grid
+(bilinear, air outside), saved with the input's header: the mid-sagittal plane lies on
+the centre column of the model orientation (patient left-right axis). Integer inputs are
+stored as int16, others as float32. ``--overlay``: PNG of up to 6 slices in the HU
+window with the predicted outline (red) and the estimated midline (cyan, dashed).
+
+With ``--input`` a folder, every ``*.nii``/``*.nii.gz`` in it is segmented (files whose
+name ends in ``_mask``, ``_probabilities`` or ``_aligned`` are skipped) and ``--output``
+is an existing folder receiving ``<name>_mask.nii.gz`` and, for the switches given,
+``<name>_pose.json``, ``<name>_aligned.nii.gz``, ``<name>_probabilities.nii.gz``,
+``<name>_overlay.png`` (``<name>``: the file name without ``.nii[.gz]``).
+
+All outputs of a volume are written to temporary files beside their destinations and
+renamed once all are written; on any error the temporary files are removed, so no
+partial output is left. Errors: one line on stderr naming the file, exit 1 (a folder
+goes on with the other volumes and exits 1 at the end); bad arguments: exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["predict_volume", "aligned_on_input_grid", "main"]
+
+OUTPUT_KINDS = ("transform", "aligned", "probabilities", "overlay")
+_SUFFIX = {"mask": "_mask.nii.gz", "transform": "_pose.json",
+           "aligned": "_aligned.nii.gz", "probabilities": "_probabilities.nii.gz",
+           "overlay": "_overlay.png"}
+_SKIP_STEMS = ("_mask", "_probabilities", "_aligned")
+POSE_CONVENTION = ("sean_jax.models.sampler.warp(ct, pose_to_alpha(pose)) aligns the head "
+                   "(mid-sagittal plane on the centre column); pixels of the input grid "
+                   "in model orientation (slice, row, col)")
+
+
+class CliError(Exception):
+  """A one-line error for the user (exit code 1)."""
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
+# ------------------------------------------------------------------------ compute
+
+
+def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
+                   batch_size: int = 8) -> dict:
+  """Runs the model on one (S, H, W) volume in HU (model orientation).
+
+  Returns ``{"probabilities": (S, H, W) float32 on the input grid, "mask": uint8 0/1,
+  "alpha": (3,) float64 (zeros without an aligner), "model_size": int,
+  "resized": bool}``. ``model`` must be in eval mode.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
+
+  volume_hu = np.asarray(volume_hu, np.float32)
+  if volume_hu.ndim != 3:
+    raise ValueError(f"expected an (S, H, W) volume, got shape {volume_hu.shape}")
+  _, height, width = volume_hu.shape
+  size = int(config.data.image_size)
+  image = preprocess.window_and_normalize(volume_hu, tuple(config.data.hu_window))
+  resized = (height, width) != (size, size)
+  if resized:
+    image = pipeline.resize_volume(image, (size, size))
+  weights = preprocess.brain_slice_weights(image)
+  probs, alpha = segment_volume(model, jnp.asarray(image), jnp.asarray(weights),
+                                batch_size=batch_size)
+  probs = np.asarray(probs, np.float32)
+  if resized:
+    probs = pipeline.resize_volume(probs, (height, width))
+  probs = np.clip(probs, 0.0, 1.0)
+  return {"probabilities": probs, "mask": (probs > threshold).astype(np.uint8),
+          "alpha": np.asarray(alpha, np.float64), "model_size": size,
+          "resized": resized}
+
+
+def _input_grid_matrix(alpha, height: int, width: int):
+  """(2x2 matrix, offset) on (row, col) pixel coordinates of the input grid that apply
+  ``alpha`` (estimated on the square model grid) to the input grid.
+
+  On the model grid (n x n, centre c) ``q - c = R (p - c) + t_px``; the input grid is
+  the model grid scaled by ``D = diag(W / n, H / n)`` about the centres (half-pixel
+  convention), so there ``q - c' = D R D^-1 (p - c') + (tx W / 2, ty H / 2)``: rigid
+  for a square input, otherwise the same map seen through the anisotropic resize.
+  """
+  theta, tx, ty = (float(a) for a in alpha)
+  cos, sin = math.cos(theta), math.sin(theta)
+  # (row, col) order; D R D^-1 in (x, y) is [[cos, -sin W/H], [sin H/W, cos]].
+  matrix = np.array([[cos, sin * height / width], [-sin * width / height, cos]])
+  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
+  shift = np.array([ty * height / 2.0, tx * width / 2.0])
+  return matrix, centre - matrix @ centre + shift
+
+
+def aligned_on_input_grid(volume, alpha, fill=None) -> np.ndarray:
+  """``volume`` (S, H, W) warped by ``alpha`` on its own grid (bilinear, ``fill``
+  outside; default the volume's minimum), as ``sampler.warp`` does on a square grid."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  volume = np.asarray(volume, np.float32)
+  _, height, width = volume.shape
+  fill = float(volume.min()) if fill is None else float(fill)
+  matrix2, offset2 = _input_grid_matrix(alpha, height, width)
+  matrix = np.eye(3)
+  matrix[1:, 1:] = matrix2
+  offset = np.concatenate([[0.0], offset2])
+  return ndimage.affine_transform(volume, matrix, offset=offset, order=1,
+                                  mode="grid-constant", cval=fill).astype(np.float32)
+
+
+def _midline(alpha, height: int, width: int):
+  """Two (x, y) input-grid points of the estimated mid-sagittal line (the input points
+  the aligned image's centre column comes from)."""
+  matrix, offset = _input_grid_matrix(alpha, height, width)
+  cx = (width - 1) / 2.0
+  pts = [matrix @ np.array([y, cx]) + offset for y in (-0.5, height - 0.5)]
+  return [p[1] for p in pts], [p[0] for p in pts]
+
+
+def _pick_slices(mask, n: int = 6) -> list[int]:
+  s = mask.shape[0]
+  picks = sorted(set(np.linspace(0, s - 1, min(n, s)).round().astype(int).tolist()))
+  area = mask.reshape(s, -1).sum(axis=1)
+  if area.max() > 0:
+    best = int(area.argmax())
+    if best not in picks:
+      picks[int(np.argmin([abs(p - best) for p in picks]))] = best
+  return sorted(set(picks))
+
+
+def save_overlay(path, volume_hu, mask, alpha, window, title: str,
+                 show_midline: bool) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  picks = _pick_slices(mask)
+  _, height, width = volume_hu.shape
+  fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9), squeeze=False,
+                           facecolor="black")
+  for ax, s in zip(axes[0], picks):
+    ax.imshow(volume_hu[s], cmap="gray", vmin=window[0], vmax=window[1],
+              interpolation="nearest")
+    if mask[s].any():
+      ax.contour(mask[s], levels=[0.5], colors="red", linewidths=0.8)
+    if show_midline:
+      xs, ys = _midline(alpha, height, width)
+      ax.plot(xs, ys, "--", color="cyan", linewidth=0.6)
+      ax.set_xlim(-0.5, width - 0.5)
+      ax.set_ylim(height - 0.5, -0.5)
+    ax.set_title(f"slice {s}", color="white", fontsize=8)
+    ax.set_axis_off()
+  fig.suptitle(title, color="white", fontsize=8)
+  try:
+    fig.savefig(path, dpi=100, facecolor="black")
+  finally:
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ outputs
+
+
+class _Outputs:
+  """Temporary files beside each destination, renamed together by :meth:`commit`."""
+
+  def __init__(self):
+    self._pending: list[tuple[str, str]] = []
+
+  def temp(self, final, suffix: str) -> str:
+    final = os.fspath(final)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(final)),
+                               prefix=".tmp_predict_", suffix=suffix)
+    os.close(fd)
+    self._pending.append((tmp, final))
+    return tmp
+
+  def commit(self) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, final in self._pending:
+      os.chmod(tmp, 0o666 & ~umask)
+      os.replace(tmp, final)
+    self._pending = []
+
+  def rollback(self) -> None:
+    for tmp, _ in self._pending:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    self._pending = []
+
+
+def _nifti_suffix(path) -> str:
+  return ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+
+
+def write_outputs(paths: dict, vol, result: dict, config, *, meta: dict) -> None:
+  """Writes every output named in ``paths`` (kind -> path) all-or-nothing."""
+  from sean_jax.data import nifti  # pylint: disable=g-import-not-at-top
+  from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
+  _, height, width = vol.data.shape
+  alpha = result["alpha"]
+  outputs = _Outputs()
+  try:
+    nifti.save_like(result["mask"], vol, outputs.temp(paths["mask"],
+                                                      _nifti_suffix(paths["mask"])),
+                    dtype=np.uint8)
+    if paths.get("probabilities"):
+      p = paths["probabilities"]
+      nifti.save_like(result["probabilities"], vol, outputs.temp(p, _nifti_suffix(p)),
+                      dtype=np.float32)
+    if paths.get("aligned"):
+      p = paths["aligned"]
+      dtype = np.int16 if np.issubdtype(vol.file_dtype, np.integer) else np.float32
+      aligned = aligned_on_input_grid(vol.data, alpha)
+      nifti.save_like(aligned, vol, outputs.temp(p, _nifti_suffix(p)), dtype=dtype)
+    if paths.get("transform"):
+      pose = alpha_to_pose(alpha, height, width)
+      pose.update({"alpha": [float(a) for a in alpha],
+                   "aligner": meta["aligner"], "input": os.path.abspath(vol.path),
+                   "shape": list(vol.data.shape), "spacing_mm": list(vol.spacing_mm),
+                   "model_image_size": int(result["model_size"]),
+                   "workdir": meta["workdir"], "checkpoint_step": meta["step"],
+                   "variant": meta["variant"], "pose_convention": POSE_CONVENTION})
+      with open(outputs.temp(paths["transform"], ".json"), "w") as f:
+        json.dump(pose, f, indent=1, allow_nan=False)
+        f.write("\n")
+    if paths.get("overlay"):
+      save_overlay(outputs.temp(paths["overlay"], ".png"), vol.data, result["mask"],
+                   alpha, tuple(config.data.hu_window),
+                   f"{os.path.basename(vol.path)}: predicted infarct (red)"
+                   + (", estimated midline (cyan)" if meta["aligner"] else ""),
+                   show_midline=meta["aligner"])
+    outputs.commit()
+  except BaseException:
+    outputs.rollback()
+    raise
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line, exit code 2
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse(argv):
+  p = _ArgumentParser(prog="python -m sean_jax.predict",
+                      description="Segment acute infarcts on NCCT NIfTI volumes (HU).")
+  p.add_argument("--workdir", required=True, help="training workdir")
+  p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder")
+  p.add_argument("--output", required=True,
+                 help="mask .nii/.nii.gz (or, for a folder input, an existing folder)")
+  p.add_argument("--transform", nargs="?", const=True, default=None,
+                 help="pose JSON (a switch for a folder input)")
+  p.add_argument("--aligned", nargs="?", const=True, default=None,
+                 help="aligned volume .nii.gz in HU (a switch for a folder input)")
+  p.add_argument("--probabilities", nargs="?", const=True, default=None,
+                 help="float32 probabilities .nii.gz (a switch for a folder input)")
+  p.add_argument("--overlay", nargs="?", const=True, default=None,
+                 help="PNG of a few slices with the outline (a switch for a folder input)")
+  p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+  p.add_argument("--threshold", type=float, default=0.5)
+  p.add_argument("--batch-size", type=int, default=8)
+  args = p.parse_args(argv)
+  if not 0.0 <= args.threshold < 1.0:
+    p.error(f"--threshold must lie in [0, 1), got {args.threshold}")
+  if args.batch_size < 1:
+    p.error("--batch-size must be >= 1")
+  args.folder = os.path.isdir(args.input)
+  for kind in OUTPUT_KINDS:
+    value = getattr(args, kind)
+    if args.folder and isinstance(value, str):
+      p.error(f"with a folder --input, --{kind} is a switch (no path): files are named "
+              f"<name>{_SUFFIX[kind]} in --output")
+    if not args.folder and value is True:
+      p.error(f"--{kind} needs a file path")
+  if not args.folder:
+    wanted = {"output": (".nii", ".nii.gz"), "aligned": (".nii", ".nii.gz"),
+              "probabilities": (".nii", ".nii.gz"), "transform": (".json",),
+              "overlay": (".png",)}
+    for kind, suffixes in wanted.items():
+      value = getattr(args, kind)
+      if isinstance(value, str) and not value.lower().endswith(suffixes):
+        p.error(f"--{kind} {value!r} must end in {' or '.join(suffixes)}")
+  return args
+
+
+def _stem(path) -> str:
+  name = os.path.basename(path)
+  for suffix in (".nii.gz", ".nii"):
+    if name.lower().endswith(suffix):
+      return name[:-len(suffix)]
+  return name
+
+
+def _jobs(args) -> list[tuple[str, dict]]:
+  """(input path, {kind: output path}) per volume; checks paths before any work."""
+  if not os.path.exists(args.input):
+    raise CliError(f"{args.input}: input not found")
+  if args.folder:
+    out = args.output
+    if not os.path.isdir(out):
+      raise CliError(f"{out}: output folder not found" if not os.path.exists(out)
+                     else f"{out}: --output must be a folder for a folder --input")
+    names = sorted(f for f in os.listdir(args.input)
+                   if f.lower().endswith((".nii", ".nii.gz"))
+                   and os.path.isfile(os.path.join(args.input, f))
+                   and not _stem(f).endswith(_SKIP_STEMS))
+    if not names:
+      raise CliError(f"{args.input}: no .nii/.nii.gz volumes in the folder")
+    jobs = []
+    for name in names:
+      stem = _stem(name)
+      paths = {"mask": os.path.join(out, stem + _SUFFIX["mask"])}
+      for kind in OUTPUT_KINDS:
+        if getattr(args, kind):
+          paths[kind] = os.path.join(out, stem + _SUFFIX[kind])
+      jobs.append((os.path.join(args.input, name), paths))
+  else:
+    paths = {"mask": args.output}
+    paths.update({k: getattr(args, k) for k in OUTPUT_KINDS if getattr(args, k)})
+    jobs = [(args.input, paths)]
+  inputs = {os.path.realpath(path) for path, _ in jobs}
+  seen = set()
+  for _, paths in jobs:
+    for kind, path in paths.items():
+      parent = os.path.dirname(os.path.abspath(path))
+      if not os.path.isdir(parent):
+        raise CliError(f"{path}: output directory {parent} not found")
+      if os.path.isdir(path):
+        raise CliError(f"{path}: --{'output' if kind == 'mask' else kind} is a "
+                       f"directory, expected a file path")
+      real = os.path.realpath(path)
+      if real in inputs:
+        raise CliError(f"{path}: output would overwrite an input")
+      if real in seen:
+        raise CliError(f"{path}: named for two outputs")
+      seen.add(real)
+  return jobs
+
+
+def _load(path):
+  """``nifti.load_volume`` with its warnings printed as one line each."""
+  from sean_jax.data import nifti  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    vol = nifti.load_volume(path)
+  for w in caught:
+    print(f"warning: {_one_line(w.message)}", file=sys.stderr)
+  return vol
+
+
+def run(args) -> int:
+  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import nifti  # pylint: disable=g-import-not-at-top
+  jobs = _jobs(args)
+  try:
+    model, config, step = evaluate.load_workdir_model(args.workdir, args.checkpoint)
+  except evaluate.CliError as e:
+    raise CliError(str(e)) from None
+  meta = {"aligner": model.aligner is not None, "step": int(step),
+          "workdir": os.path.abspath(args.workdir), "variant": str(config.variant)}
+  failures = 0
+  for path, paths in jobs:
+    start = time.perf_counter()
+    try:
+      vol = _load(path)
+      result = predict_volume(model, config, vol.data, threshold=args.threshold,
+                              batch_size=args.batch_size)
+      write_outputs(paths, vol, result, config, meta=meta)
+    except (nifti.InputError, ValueError, OSError) as e:
+      message = _one_line(e)
+      if path not in message:
+        message = f"{path}: {message}"
+      print(f"error: {message}", file=sys.stderr)
+      failures += 1
+      if not args.folder:
+        return 1
+      continue
+    mask = result["mask"]
+    ml = float(mask.sum()) * float(np.prod(vol.spacing_mm)) / 1000.0
+    from sean_jax import metrics  # pylint: disable=g-import-not-at-top
+    n_comp = metrics.label_components(mask)[1]
+    pose = ""
+    if meta["aligner"]:
+      from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
+      pp = alpha_to_pose(result["alpha"], *vol.data.shape[1:])
+      pose = (f", pose {pp['rotation_deg']:+.1f} deg, x {pp['shift_x_px']:+.1f} px, "
+              f"y {pp['shift_y_px']:+.1f} px")
+    print(f"{path}: {mask.shape} {'/'.join(vol.axcodes)}, {ml:.2f} ml predicted in "
+          f"{n_comp} component(s){pose}; wrote {', '.join(paths.values())} "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+  if failures:
+    print(f"error: {failures} of {len(jobs)} volumes failed", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv=None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  try:
+    return run(args)
+  except CliError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
