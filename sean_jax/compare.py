@@ -8,8 +8,8 @@ order of the paper's tables; runs of the same variant (e.g. seeds) are one row w
 mean ± standard deviation (sample std, n - 1) and the number of runs. Runs evaluated on
 different data (split or ``--data`` folder) are never pooled: the row name then says
 which data. Columns: Dice (case mean), F1, Recall, Precision (infarct level), global
-Dice, |dθ| and |dx| alignment errors. Bad or missing files: one line naming the file,
-exit 1.
+Dice, and the absolute alignment errors Δθ (deg) and Δx (px) (docs/evaluation.md).
+Bad or missing files: one line naming the file, exit 1.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ __all__ = ["collect", "comparison_table", "main"]
 
 COLUMNS = (("Dice", "dice_case_mean", 4), ("F1", "lesion_f1", 4),
            ("Recall", "lesion_recall", 4), ("Precision", "lesion_precision", 4),
-           ("Global Dice", "dice_global", 4), ("|dθ| (deg)", "rot_err_deg", 2),
-           ("|dx| (px)", "shift_err_px", 2))
+           ("Global Dice", "dice_global", 4), ("Δθ (deg)", "rot_err_deg", 2),
+           ("Δx (px)", "shift_err_px", 2))  # absolute errors; no "|" in a table cell
 
 # The paper's row order (Table 1, then Table 2's ablation rows).
 ORDER = ("unet", "unet_im_l1", "unet_ft_l1", "unet_ft_cc", "hybrid", "baseline",
@@ -63,7 +63,7 @@ def collect(paths) -> list[dict]:
     if several_data:
       name += f" ({data})"
     row = {"name": name, "variant": variant, "data": data, "n": len(runs),
-           "runs": [_run_name(r) for r in runs],
+           "runs": _run_names(runs),
            "num_cases": sorted({r["metrics"].get("num_cases") for r in runs},
                                key=str)}
     for _, key, _ in COLUMNS:
@@ -76,11 +76,12 @@ def collect(paths) -> list[dict]:
   return rows
 
 
-def _run_name(run: dict) -> str:
-  workdir = run.get("workdir")
-  if workdir:
-    return os.path.basename(workdir.rstrip("/"))
-  return os.path.basename(os.path.dirname(run["_path"]))
+def _run_names(runs: list[dict]) -> list[str]:
+  """Workdir names; the full paths where two runs share a name."""
+  full = [(r.get("workdir") or os.path.dirname(os.path.abspath(r["_path"]))).rstrip("/")
+          for r in runs]
+  short = [os.path.basename(f) for f in full]
+  return full if len(set(short)) < len(short) else short
 
 
 def _cell(value, digits):

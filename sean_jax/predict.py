@@ -392,8 +392,11 @@ def _load(path):
 
 
 def run(args) -> int:
-  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from sean_jax.data import nifti  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from sean_jax import evaluate, metrics
+  from sean_jax.data import nifti
+  from sean_jax.models.sampler import alpha_to_pose
+  # pylint: enable=g-import-not-at-top
   jobs = _jobs(args)
   try:
     model, config, step = evaluate.load_workdir_model(args.workdir, args.checkpoint)
@@ -420,11 +423,9 @@ def run(args) -> int:
       continue
     mask = result["mask"]
     ml = float(mask.sum()) * float(np.prod(vol.spacing_mm)) / 1000.0
-    from sean_jax import metrics  # pylint: disable=g-import-not-at-top
     n_comp = metrics.label_components(mask)[1]
     pose = ""
     if meta["aligner"]:
-      from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
       pp = alpha_to_pose(result["alpha"], *vol.data.shape[1:])
       pose = (f", pose {pp['rotation_deg']:+.1f} deg, x {pp['shift_x_px']:+.1f} px, "
               f"y {pp['shift_y_px']:+.1f} px")

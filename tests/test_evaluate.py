@@ -98,7 +98,8 @@ def test_evaluate_cases_aggregates(model, monkeypatch):
   assert result["lesion_f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
   # Alignment: two cases with a pose, the same error each; c has none.
   rot = abs(math.degrees(0.25 - 0.2))
-  dx = abs((-0.05 * 16 + 0.05 * 16 * math.tan(0.25)) - (-0.1 * 16 + 0.05 * 16 * math.tan(0.2)))
+  x0 = lambda th, tx, ty: tx * 16 + ty * 16 * math.tan(th)  # W = H = 32
+  dx = abs(x0(0.25, -0.05, 0.05) - x0(0.2, -0.1, 0.05))
   assert result["num_posed_cases"] == 2
   assert result["rot_err_deg"] == pytest.approx(rot, rel=1e-5)
   assert result["shift_err_px"] == pytest.approx(dx, rel=1e-5)
@@ -331,3 +332,12 @@ def test_compare_errors(tmp_path, capsys):
   assert compare.main([str(bad)]) == 1
   lines = error_lines(capsys.readouterr().err)
   assert len(lines) == 1 and str(bad / "eval.json") in lines[0]
+
+
+def test_compare_same_workdir_names(tmp_path):
+  a = fake_eval(tmp_path / "seed0" / "run", "unet", 0.2, 0.2)
+  b = fake_eval(tmp_path / "seed1" / "run", "unet", 0.4, 0.4)
+  (row,) = compare.collect([a, b])
+  assert row["runs"] == [str(a), str(b)] and row["n"] == 2
+  assert row["dice_case_mean"] == (pytest.approx(0.3), pytest.approx(np.std([0.2, 0.4],
+                                                                           ddof=1)))

@@ -41,7 +41,8 @@ def scans(tmp_path_factory):
   # affine: file axes (row, slice, col) reversed where the affine flips them.
   affine = helpers.oblique_affine()
   ornt = nib.orientations.io_orientation(affine)
-  back = nib.orientations.ornt_transform(nifti._MODEL_ORNT, ornt)  # pylint: disable=protected-access
+  model_ornt = nib.orientations.axcodes2ornt(nifti.MODEL_AXCODES)
+  back = nib.orientations.ornt_transform(model_ornt, ornt)
   oblique = helpers.write_nifti(d / "oblique.nii.gz",
                                 nib.orientations.apply_orientation(vol.data, back),
                                 affine)
