@@ -364,6 +364,15 @@ def load_workdir_model(workdir, which: str):
                    f"{_one_line(e)[:300]})") from None
 
 
+def warn_if_not_hu_model(config) -> None:
+  """NIfTI input is read as HU; a model trained on AISD's PNG intensities never saw HU."""
+  if config.data.get("source") == "aisd" and config.data.get("aisd_config") == "png":
+    print("warning: this model was trained on AISD PNG intensities (0..255 of an "
+          "undocumented window, z-scored, no HU window); NIfTI input is read as HU and "
+          "windowed with data.hu_window, so it is out of the training distribution",
+          file=sys.stderr)
+
+
 def _source(config, args):
   from sean_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   try:
@@ -401,8 +410,11 @@ def run(args) -> int:
   if not output.parent.is_dir():
     raise CliError(f"{output.parent}: output directory not found")
   what = f"--data {args.data}" if args.data else f"{args.split} split"
+  if args.data is not None:
+    warn_if_not_hu_model(config)
+  num = len(source) if args.max_cases is None else min(len(source), args.max_cases)
   print(f"evaluating {args.workdir} ({config.variant}, step {step}, {checkpoint}) on "
-        f"{what}: {len(source)} cases", flush=True)
+        f"{what}: {num} cases", flush=True)
 
   def progress(row):
     extra = "" if row["rot_err_deg"] is None else \

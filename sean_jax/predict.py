@@ -402,6 +402,7 @@ def run(args) -> int:
     model, config, step = evaluate.load_workdir_model(args.workdir, args.checkpoint)
   except evaluate.CliError as e:
     raise CliError(str(e)) from None
+  evaluate.warn_if_not_hu_model(config)
   meta = {"aligner": model.aligner is not None, "step": int(step),
           "workdir": os.path.abspath(args.workdir), "variant": str(config.variant)}
   failures = 0

@@ -307,3 +307,13 @@ def test_subprocess(workdir, scans, tmp_path):
   lines = error_lines(r.stderr)
   assert len(lines) == 1 and str(bad) in lines[0], r.stderr
   assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_png_trained_model_warns(scans, tmp_path, capsys):
+  config = helpers.tiny_config("unet")
+  config.data.source, config.data.aisd_config = "aisd", "png"
+  wd = helpers.make_tiny_workdir(tmp_path, config=config, name="png_run")
+  code, _, err = run_predict(capsys, "--workdir", wd, "--input", scans["canonical"],
+                             "--output", tmp_path / "m.nii.gz")
+  assert code == 0 and not error_lines(err)
+  assert any("AISD PNG" in line for line in err.splitlines())
