@@ -74,28 +74,31 @@ def _guarded(new_state, old_state, loss):
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state), finite
 
 
+def segmentation_objective(segmenter, batch):
+  """Stage 2 loss of a batch {"slab": (B, D, H, W, 1), "mask": (B, H, W)}."""
+  return losses.segmentation_loss(segmenter(batch["slab"]), batch["mask"])
+
+
+def alignment_objective(aligner, batch):
+  """Stage 1 loss (Eq. 1) of a batch {"image": (B, H, W, 1)}; aux: alpha (B, 3)."""
+  alpha = aligner(batch["image"])
+  return alignment.alignment_loss(batch["image"], alpha), alpha
+
+
 def make_train_steps(graphdef, replicated, data_sharding):
   """Jitted (state, batch) -> (state, metrics) for both stages."""
 
   def seg_step(state, batch):
     ts = nnx.merge(graphdef, state)
-
-    def loss_fn(segmenter):
-      return losses.segmentation_loss(segmenter(batch["slab"]), batch["mask"])
-
-    loss, grads = nnx.value_and_grad(loss_fn)(ts.model.segmenter)
+    loss, grads = nnx.value_and_grad(segmentation_objective)(ts.model.segmenter, batch)
     ts.seg_opt.update(ts.model.segmenter, grads)
     new_state, finite = _guarded(nnx.state(ts), state, loss)
     return new_state, {"loss": loss, "finite": finite}
 
   def align_step(state, batch):
     ts = nnx.merge(graphdef, state)
-
-    def loss_fn(aligner):
-      alpha = aligner(batch["image"])
-      return alignment.alignment_loss(batch["image"], alpha), alpha
-
-    (loss, alpha), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model.aligner)
+    (loss, alpha), grads = nnx.value_and_grad(alignment_objective, has_aux=True)(
+        ts.model.aligner, batch)
     ts.align_opt.update(ts.model.aligner, grads)
     new_state, finite = _guarded(nnx.state(ts), state, loss)
     return new_state, {"loss": loss, "finite": finite,
@@ -111,6 +114,13 @@ def _nanmean(x):
   ok = jnp.isfinite(x)
   return jnp.where(ok.any(), jnp.sum(jnp.where(ok, x, 0)) / jnp.maximum(ok.sum(), 1),
                    jnp.nan)
+
+
+def data_parallel_shardings() -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch-sharded) over a one-axis mesh of every device of every host."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
 
 def _global_batch(batch: dict, keys, sharding) -> dict:
@@ -162,13 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   align_steps, seg_steps = stage_lengths(config, train_source)
   total_steps = align_steps + seg_steps
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  replicated, data_sharding = data_parallel_shardings()
 
   train_state = checkpointing.TrainState(config, seg_steps,
-                                         rngs=nnx.Rngs(config.seed))
+                                         rngs=checkpointing.init_rngs(config.seed))
   graphdef, state = nnx.split(train_state)
   manager = checkpointing.make_manager(workdir / "checkpoints",
                                        config.max_checkpoints_to_keep)

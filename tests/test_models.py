@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sean_jax.checkpointing import init_rngs
 from sean_jax.models import alignment, sampler
 from sean_jax.models.attention import SymmetryAttention, symmetry_attention_naive
 from sean_jax.models.sean import (VARIANTS, ModelOptions, Sean, SegmentationNet,
                                   segment_volume, volume_to_slabs)
 
 TINY = dict(width=4, partitions=(2, 2))
+
+
+def rngs(seed=0):
+  return init_rngs(seed)  # fast-compiling initialisation
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +98,7 @@ def test_warp_is_jittable_and_differentiable():
 @pytest.mark.parametrize("branches", [(True, True), (True, False), (False, True)])
 def test_partition_shortcut_equals_literal_flipped_computation(branches):
   module = SymmetryAttention(8, (2, 4), use_self=branches[0], use_symmetry=branches[1],
-                             rngs=nnx.Rngs(0))
+                             rngs=rngs())
   x = jax.random.normal(jax.random.key(5), (2, 3, 4, 8, 8))
   fast, literal = module(x), symmetry_attention_naive(module, x)
   print(f"shortcut vs literal flip, branches={branches}: "
@@ -102,7 +107,7 @@ def test_partition_shortcut_equals_literal_flipped_computation(branches):
 
 
 def test_attention_is_mirror_equivariant():
-  module = SymmetryAttention(8, (2, 2), rngs=nnx.Rngs(1))
+  module = SymmetryAttention(8, (2, 2), rngs=rngs(1))
   x = jax.random.normal(jax.random.key(6), (2, 3, 4, 4, 8))
   mirror = lambda y: y[..., ::-1, :]
   np.testing.assert_allclose(module(mirror(x)), mirror(module(x)), atol=1e-5)
@@ -114,7 +119,7 @@ def test_attention_is_mirror_equivariant():
 def test_attention_softmax_is_per_slice():
   """Each slice's key set has its own softmax: with identical slices and no value
   differences, the self branch sums D equal terms (D times one slice's output)."""
-  module = SymmetryAttention(4, (1, 1), use_symmetry=False, rngs=nnx.Rngs(2))
+  module = SymmetryAttention(4, (1, 1), use_symmetry=False, rngs=rngs(2))
   one = jax.random.normal(jax.random.key(7), (1, 1, 2, 2, 4))
   three = jnp.repeat(one, 3, axis=1)
   y1 = module(one) - one[:, 0]
@@ -124,7 +129,7 @@ def test_attention_softmax_is_per_slice():
 
 
 def test_attention_rejects_indivisible_partitions():
-  module = SymmetryAttention(4, (3, 3), rngs=nnx.Rngs(0))
+  module = SymmetryAttention(4, (3, 3), rngs=rngs())
   with pytest.raises(ValueError, match="partitions"):
     module(jnp.zeros((1, 3, 4, 4, 4)))
 
@@ -133,7 +138,7 @@ def test_attention_rejects_indivisible_partitions():
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_has_finite_gradients(name):
-  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS[name]), rngs=nnx.Rngs(0))
+  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS[name]), rngs=rngs())
   slab = jax.random.normal(jax.random.key(8), (2, 3, 32, 32, 1))
   labels = (jax.random.uniform(jax.random.key(9), (2, 32, 32)) > 0.8).astype(jnp.int32)
   from sean_jax.losses import segmentation_loss
@@ -141,7 +146,7 @@ def test_every_variant_has_finite_gradients(name):
   def loss_fn(model):
     return segmentation_loss(model(slab), labels)
 
-  loss, grads = nnx.value_and_grad(loss_fn)(net)
+  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(net)
   leaves = jax.tree.leaves(grads)
   assert jnp.isfinite(loss)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -151,7 +156,7 @@ def test_every_variant_has_finite_gradients(name):
 def test_variants_differ_only_in_options():
   shapes = {}
   for name, kw in VARIANTS.items():
-    net = SegmentationNet(ModelOptions(**TINY, **kw), rngs=nnx.Rngs(0))
+    net = SegmentationNet(ModelOptions(**TINY, **kw), rngs=rngs())
     shapes[name] = nnx.state(net, nnx.Param)
   # Fusion adds inputs/weights; the encoders of unet and hybrid differ in kernel rank.
   enc = lambda n: shapes[n]["encoder"]["blocks"][0]["conv1"]["kernel"].shape
@@ -163,7 +168,7 @@ def test_variants_differ_only_in_options():
 
 
 def test_unet_uses_only_the_middle_slice():
-  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS["unet"]), rngs=nnx.Rngs(0))
+  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS["unet"]), rngs=rngs())
   net.eval()
   slab = jax.random.normal(jax.random.key(10), (1, 3, 32, 32, 1))
   other = slab.at[:, 0].set(5.0).at[:, 2].set(-5.0)
@@ -171,7 +176,7 @@ def test_unet_uses_only_the_middle_slice():
 
 
 def test_hybrid_uses_adjacent_slices():
-  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS["sean"]), rngs=nnx.Rngs(0))
+  net = SegmentationNet(ModelOptions(**TINY, **VARIANTS["sean"]), rngs=rngs())
   net.eval()
   slab = jax.random.normal(jax.random.key(10), (1, 3, 32, 32, 1))
   other = slab.at[:, 0].set(5.0)
@@ -189,20 +194,20 @@ def test_bad_options_are_named(bad, match):
 
 
 def test_bad_input_shapes_are_named():
-  net = SegmentationNet(ModelOptions(**TINY), rngs=nnx.Rngs(0))
+  net = SegmentationNet(ModelOptions(**TINY), rngs=rngs())
   with pytest.raises(ValueError, match="divide by 16"):
     net(jnp.zeros((1, 3, 40, 40, 1)))
   with pytest.raises(ValueError, match="slab_slices"):
     net(jnp.zeros((1, 5, 32, 32, 1)))
   with pytest.raises(ValueError, match="partitions"):
     SegmentationNet(ModelOptions(width=4, partitions=(3, 3)),
-                    rngs=nnx.Rngs(0))(jnp.zeros((1, 3, 32, 32, 1)))
+                    rngs=rngs())(jnp.zeros((1, 3, 32, 32, 1)))
 
 
 def test_paper_size_sean_compiles():
   """The full model at 512x512, w = 64 (C = 1024 at the bottleneck) traces."""
   options = ModelOptions(width=64, partitions=(4, 4), align_input_size=128)
-  model = nnx.eval_shape(lambda: Sean(options, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Sean(options, rngs=rngs()))
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -221,7 +226,7 @@ def test_paper_size_sean_compiles():
 # --- alignment ----------------------------------------------------------------
 
 def test_alignment_net_starts_at_identity_and_is_bounded():
-  net = alignment.AlignmentNet(32, rngs=nnx.Rngs(0))
+  net = alignment.AlignmentNet(32, rngs=rngs())
   images = jax.random.normal(jax.random.key(11), (3, 64, 64, 1))
   np.testing.assert_allclose(net(images), 0.0)
   net.fc.kernel[...] = jnp.full(net.fc.kernel.shape, 100.0)
@@ -253,7 +258,7 @@ def test_aggregate_alpha_ignores_empty_slices():
 
 
 def test_align_volume_applies_one_transform_to_every_slice():
-  net = alignment.AlignmentNet(32, rngs=nnx.Rngs(0))
+  net = alignment.AlignmentNet(32, rngs=rngs())
   volume = jax.random.normal(jax.random.key(12), (4, 32, 32))
   aligned, alpha = alignment.align_volume(net, volume)
   np.testing.assert_allclose(alpha, 0.0)
@@ -269,7 +274,7 @@ def test_volume_to_slabs_replicates_edges():
 
 
 def test_segment_volume_returns_input_grid_probabilities():
-  model = Sean(ModelOptions(**TINY, align_input_size=32), rngs=nnx.Rngs(0))
+  model = Sean(ModelOptions(**TINY, align_input_size=32), rngs=rngs())
   model.eval()
   volume = jax.random.normal(jax.random.key(13), (3, 32, 32))
   probs, alpha = segment_volume(model, volume, batch_size=2)

