@@ -37,11 +37,12 @@ class SymmetryAttention(nnx.Module):
     self.use_symmetry = use_symmetry
     self.inner = channels // 2
 
-    def proj(cin, cout):
-      return nnx.Linear(cin, cout, dtype=dtype, rngs=rngs)
+    def proj(cin, cout, use_bias=True):
+      return nnx.Linear(cin, cout, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     self.query = proj(channels, self.inner)        # theta
-    self.key = proj(channels, self.inner)          # phi
+    # phi has no bias: it adds q.b to every logit of a query, which the softmax cancels.
+    self.key = proj(channels, self.inner, use_bias=False)
     self.value_self = proj(channels, self.inner) if use_self else None        # g
     self.value_sym = proj(channels, self.inner) if use_symmetry else None     # h
     branches = int(use_self) + int(use_symmetry)

@@ -75,12 +75,16 @@ def _per_slice(fn, x):
 
 
 class DecoderBlock(nnx.Module):
-  """Up-conv 2x2 (stride 2), concat with the skip, ConvBlock; 2D, (B, H, W, C)."""
+  """Up-conv 2x2 (stride 2), concat with the skip, ConvBlock; 2D, (B, H, W, C).
+
+  The up-conv has no bias: a per-channel constant would pass the conv and be removed
+  by the BatchNorm after it (its gradient is rounding noise that Adam would amplify).
+  """
 
   def __init__(self, in_features: int, skip_features: int, out_features: int, *,
                dtype=None, rngs: nnx.Rngs):
     self.up = nnx.ConvTranspose(in_features, out_features, (2, 2), strides=(2, 2),
-                                padding="VALID", dtype=dtype, rngs=rngs)
+                                padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
     self.block = ConvBlock(out_features + skip_features, out_features, spatial_dims=2,
                            dtype=dtype, rngs=rngs)
 

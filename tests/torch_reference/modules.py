@@ -149,7 +149,7 @@ class Encoder(nn.Module):
 class DecoderBlock(nn.Module):
   def __init__(self, cin: int, cout: int):
     super().__init__()
-    self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+    self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)  # BN follows
     self.block = ConvBlock(2 * cout, cout, 2)
 
   def forward(self, x, skip):
@@ -189,7 +189,7 @@ class SymmetryAttention(nn.Module):
     self.partitions = tuple(partitions)
     self.use_self, self.use_symmetry = use_self, use_symmetry
     self.query = nn.Conv2d(channels, d, 1)                                 # theta
-    self.key = nn.Conv3d(channels, d, 1)                                   # phi
+    self.key = nn.Conv3d(channels, d, 1, bias=False)  # phi; softmax cancels a bias
     self.value_self = nn.Conv3d(channels, d, 1) if use_self else None      # g
     self.value_sym = nn.Conv3d(channels, d, 1) if use_symmetry else None   # h
     self.out = nn.Conv2d((int(use_self) + int(use_symmetry)) * d, channels, 1)  # W_z
