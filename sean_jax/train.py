@@ -8,7 +8,7 @@ the cluster on SLURM/TPU/GKE), or give ``--coordinator HOST:PORT --num_processes
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +27,7 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     print("error: --config and --workdir are required", file=sys.stderr)
     return 2
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -198,8 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   def evaluate_now(at_step):
     nonlocal best_dice
-    model = nnx.merge(graphdef, state).model
-    model.eval()
+    model = _host_model(graphdef, state)
     result = evaluate.evaluate_cases(model, pipeline.make_eval_cases(val_source))
     result.pop("cases", None)
     log.write({"step": at_step, "eval": result, "split": "validation"})
@@ -246,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       align_fn = None
       if config.model.align:
         # A copy: the train state's buffers are donated to the next step.
-        aligner = nnx.merge(graphdef, jax.device_get(state)).model.aligner
+        aligner = _host_model(graphdef, state).aligner
         align_fn = pipeline.alignment_hook(aligner)
       batches = pipeline.make_train_iterator(
           train_source, batch_size=config.batch_size,
@@ -273,9 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       result = evaluate_now(step)
       if is_chief:
         plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
-        model = nnx.merge(graphdef, state).model
-        model.eval()
-        plots.validation_slices(model, val_source, workdir / "validation_slices.png")
+        plots.validation_slices(_host_model(graphdef, state), val_source, workdir / "validation_slices.png")
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -284,6 +281,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
   return result
+
+
+def _host_model(graphdef, state):
+  """The model in eval mode on this host's own copy of the (replicated) parameters:
+  what it computes involves no other host, and the copy outlives donated buffers."""
+  local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+  model = nnx.merge(graphdef, local).model
+  model.eval()
+  return model
 
 
 def _check_finite(pending, step):
@@ -311,9 +317,10 @@ def _flush(pending, step, total_steps, stage, log, start_time, start_step):
   log.write(record)
   eta = (total_steps - step) / max(rate, 1e-9)
   extra = f" rot err {record['rot_err_deg']:.2f} deg" if "rot_err_deg" in record else ""
-  print(f"step {step}/{total_steps} [{stage}] loss {loss:.4f}{extra} "
-        f"{rate:.2f} steps/s, {_format_time(elapsed)} elapsed, {_format_time(eta)} left",
-        flush=True)
+  if jax.process_index() == 0:
+    print(f"step {step}/{total_steps} [{stage}] loss {loss:.4f}{extra} {rate:.2f} "
+          f"steps/s, {_format_time(elapsed)} elapsed, {_format_time(eta)} left",
+          flush=True)
   return []
 
 

@@ -208,10 +208,8 @@ def _pose_alpha(pose: dict | None, height: int, width: int) -> np.ndarray | None
   """Pose dict (degrees, pixels of the raw grid) -> (3,) alpha, or None."""
   if not pose or not all(k in pose for k in ("rotation_deg", "shift_x_px", "shift_y_px")):
     return None
-  import jax  # pylint: disable=g-import-not-at-top
   from sean_jax.models.sampler import pose_to_alpha  # pylint: disable=g-import-not-at-top
-  with jax.default_device(jax.devices("cpu")[0]):
-    return np.asarray(pose_to_alpha(pose, height, width), np.float32)
+  return pose_to_alpha(pose, height, width)
 
 
 # ------------------------------------------------------------------------ sources
@@ -477,7 +475,7 @@ def _warp_mask(mask: np.ndarray, alpha) -> np.ndarray:
   from sean_jax.models import sampler  # pylint: disable=g-import-not-at-top
   if not _WARP_MASK:
     _WARP_MASK.append(jax.jit(lambda m, a: sampler.warp(m[..., None], a)[..., 0] >= 0.5))
-  cpu = jax.devices("cpu")[0]
+  cpu = jax.local_devices(backend="cpu")[0]
   warped = _WARP_MASK[0](jax.device_put(np.asarray(mask, np.float32), cpu),
                          jax.device_put(np.asarray(alpha, np.float32), cpu))
   return np.asarray(warped).astype(np.uint8)

@@ -13,8 +13,11 @@ pose is the ``alpha`` that makes its head symmetric.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def rigid_theta(alpha: jax.Array, height: int, width: int) -> jax.Array:
@@ -119,14 +122,15 @@ def unwarp(images: jax.Array, alpha: jax.Array) -> jax.Array:
 
 
 def alpha_to_pose(alpha, height: int, width: int) -> dict[str, float]:
-  """Pose dict (degrees and pixels) of the phantom's ground-truth JSON."""
-  angle, tx, ty = (float(v) for v in alpha)
-  return {"rotation_deg": float(jnp.degrees(angle)),
+  """Pose dict (degrees and pixels) of the phantom's ground-truth JSON (host side)."""
+  angle, tx, ty = (float(v) for v in np.asarray(alpha))
+  return {"rotation_deg": math.degrees(angle),
           "shift_x_px": tx * width / 2, "shift_y_px": ty * height / 2}
 
 
-def pose_to_alpha(pose: dict, height: int, width: int) -> jax.Array:
-  """Inverse of :func:`alpha_to_pose`: (3,) alpha from a pose dict."""
-  return jnp.array([jnp.radians(pose["rotation_deg"]),
-                    pose["shift_x_px"] * 2 / width,
-                    pose["shift_y_px"] * 2 / height], jnp.float32)
+def pose_to_alpha(pose: dict, height: int, width: int) -> np.ndarray:
+  """Inverse of :func:`alpha_to_pose`: (3,) float32 alpha from a pose dict (NumPy:
+  this runs in the input pipeline, where no device array should be made)."""
+  return np.array([math.radians(pose["rotation_deg"]),
+                   pose["shift_x_px"] * 2 / width,
+                   pose["shift_y_px"] * 2 / height], np.float32)
