@@ -116,6 +116,7 @@ def main(argv=None):
   repeats = args.repeats or (10 if args.quick else 20)
   if repeats < 10:
     parser.error("--repeats must be at least 10")
+  import torch  # noqa: F401  (imported before machine_info, which records its version)
   info = common.machine_info()
   ceiling = common.matmul_gflops(1024 if args.quick else 2048, repeats=repeats)
   print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s ({info['machine']}, "

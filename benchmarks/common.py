@@ -93,7 +93,9 @@ def write_results(name: str, result: dict, markdown_row: str) -> Path:
   os.replace(tmp, path)
   if not RESULTS_MD.exists():
     RESULTS_MD.write_text("# Benchmark results\n\nOne dated row per run; the JSON of "
-                          "the latest run of each benchmark is in `results/`.\n\n")
+                          "the latest run of each benchmark is in `results/`.\n\n"
+                          "| date | benchmark | machine | versions | result |\n"
+                          "| --- | --- | --- | --- | --- |\n")
   with open(RESULTS_MD, "a") as f:
     f.write(markdown_row.rstrip("\n") + "\n")
   return path

@@ -40,6 +40,9 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
   c.data.aisd_config = "dicom"     # dicom (HU) | png (0..255, not HU)
   c.data.lesion_labels = (1, 2, 3, 5)  # AISD raw labels counted as lesion (4: not)
   c.data.phantom_seed = 1234
+  # The phantom is made at this in-plane size and resampled to image_size, as a real
+  # scan would be: its noise is set per pixel, so making it small would be too noisy.
+  c.data.phantom_size = 256
   c.data.phantom_slices = 24
   c.data.num_train_cases = 300     # phantom only; AISD uses its splits
   c.data.num_val_cases = 30
@@ -78,11 +81,11 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
     c.data.num_val_cases = 4
     c.data.num_test_cases = 12
     c.batch_size = 8
-    c.num_train_steps = 600
+    c.num_train_steps = 1000
     c.learning_rate = 1e-3
-    c.align.num_train_steps = 300
+    c.align.num_train_steps = 600
     c.align.batch_size = 16  # lr stays 1e-4: 1e-3 saturates the bounded output
     c.log_every_steps = 25
-    c.eval_every_steps = 300
+    c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
   return c

@@ -18,7 +18,7 @@ from sean_jax.data import pipeline, sources
 def main(out):
   config = base_config.get_config("sean", "demo")
   config.model.update(width=4, align=False)
-  config.data.update(image_size=32, phantom_slices=4, num_train_cases=4)
+  config.data.update(image_size=32, phantom_size=32, phantom_slices=4, num_train_cases=4)
   config.batch_size = 8
   source = sources.case_source(config, "train")
   batch = next(pipeline.make_train_iterator(source, batch_size=8, slab_slices=3, seed=0))

@@ -19,6 +19,7 @@ def tiny_config(variant: str = "sean"):
   c.model.partitions = (2, 2)
   c.model.align_input_size = TINY_SIZE
   c.data.image_size = TINY_SIZE
+  c.data.phantom_size = TINY_SIZE
   c.data.phantom_slices = TINY_SLICES
   c.data.num_train_cases = 2
   c.data.num_val_cases = 1

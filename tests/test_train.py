@@ -19,7 +19,7 @@ from sean_jax import checkpointing
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = ["--config.data.image_size=32", "--config.model.width=4",
+TINY = ["--config.data.image_size=32", "--config.data.phantom_size=32", "--config.model.width=4",
         "--config.model.align_input_size=32", "--config.data.phantom_slices=4",
         "--config.data.num_train_cases=4", "--config.data.num_val_cases=1",
         "--config.data.num_test_cases=1", "--config.batch_size=4",

@@ -25,9 +25,11 @@ def case_source(config, split: str):
               "test": data.num_test_cases}
     start = {"train": 0, "validation": counts["train"],
              "test": counts["train"] + counts["validation"]}[split]
-    phantom = PhantomConfig(size=size, slices=data.phantom_slices)
+    phantom = PhantomConfig(size=data.get("phantom_size", size),
+                            slices=data.phantom_slices)
     return pipeline.PhantomCaseSource(data.phantom_seed, counts[split], phantom,
-                                      start_index=start, window=tuple(data.hu_window))
+                                      start_index=start, image_size=size,
+                                      window=tuple(data.hu_window))
   if data.source == "aisd":
     data_dir = os.path.expanduser(data.aisd_data_dir)
     try:

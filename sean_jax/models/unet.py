@@ -8,11 +8,15 @@ the middle plane only. Convolutions that feed a BatchNorm take no bias.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 NUM_LEVELS = 5
+# Initial probability of the foreground classes (infarcts are ~0.5% of the pixels).
+FOREGROUND_PRIOR = 0.01
 
 
 def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -107,7 +111,14 @@ class Decoder(nnx.Module):
     self.blocks = nnx.List([
         DecoderBlock(cin, cout, cout, dtype=dtype, rngs=rngs)
         for cin, cout in zip(ins, outs)])
-    self.head = nnx.Conv(width, num_classes, (1, 1), dtype=dtype, rngs=rngs)
+    # The head starts at the class prior (as in RetinaNet): from an even 50/50 start
+    # Adam spends hundreds of steps learning that almost every pixel is background
+    # before any lesion signal (measured on the demo: p(lesion) 0.11 inside lesions vs
+    # 0.11 outside after 300 steps from 50/50; 0.45 vs 0.007 from the prior).
+    prior_logit = math.log(FOREGROUND_PRIOR / (1 - FOREGROUND_PRIOR))
+    bias = jnp.array([0.0] + [prior_logit] * (num_classes - 1))
+    self.head = nnx.Conv(width, num_classes, (1, 1), dtype=dtype,
+                         bias_init=lambda *_: bias, rngs=rngs)
 
   def __call__(self, bottleneck: jax.Array, skips: list[jax.Array]) -> jax.Array:
     x = bottleneck
