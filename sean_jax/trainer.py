@@ -192,9 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   log = MetricsLog(workdir / "metrics.jsonl", step, is_chief)
   seg_step, align_step = make_train_steps(graphdef, replicated, data_sharding)
 
+  last_saved = [step if manager.latest_step() is not None else None]
+
   def save(at_step):
-    checkpointing.save(manager, at_step, state, {"step": at_step,
-                                                 "best_dice": best_dice})
+    """Saves the state at ``at_step`` unless that step is already saved."""
+    if last_saved[0] != at_step:
+      checkpointing.save(manager, at_step, state, {"step": at_step,
+                                                   "best_dice": best_dice})
+      last_saved[0] = at_step
 
   def evaluate_now(at_step):
     nonlocal best_dice
@@ -221,58 +226,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   previous_handlers = {sig: signal.signal(sig, request_stop)
                        for sig in (signal.SIGINT, signal.SIGTERM)}
+  start_time, start_step = time.time(), step
+
+  def run_stage(stage, batches, keys, step_fn, end, evaluate_every=None):
+    """Runs steps until ``end`` or a stop request: log, checkpoint, evaluate."""
+    nonlocal state, step
+    pending = []
+    while step < end and not stop_requested:
+      batch = _global_batch(next(batches), keys, data_sharding)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append(metrics)
+      if step % config.log_every_steps == 0:
+        pending = _flush(pending, step, total_steps, stage, log, start_time, start_step)
+      if step % config.checkpoint_every_steps == 0:
+        _check_finite(pending, step)
+        save(step)
+      if evaluate_every and step % evaluate_every == 0 and step < end:
+        evaluate_now(step)
+    _flush(pending, step, total_steps, stage, log, start_time, start_step)
+
   result = {}
   try:
-    pending, start_time, start_step = [], time.time(), step
     # Stage 1: the alignment network.
     if step < align_steps:
-      batches = pipeline.make_alignment_iterator(
+      run_stage("align", pipeline.make_alignment_iterator(
           train_source, batch_size=config.align.batch_size, seed=config.seed,
-          start_step=step)
-      while step < align_steps and not stop_requested:
-        batch = _global_batch(next(batches), ("image", "pose"), data_sharding)
-        state, metrics = align_step(state, batch)
-        step += 1
-        pending.append(metrics)
-        pending = _bookkeeping(config, step, total_steps, "align", pending, log,
-                               start_time, start_step, save)
-      if step == align_steps and not stop_requested:
-        pending = _flush(pending, step, total_steps, "align", log, start_time,
-                         start_step)
+          start_step=step), ("image", "pose"), align_step, align_steps)
+      if step == align_steps:
         save(step)
     # Stage 2: the segmentation network on aligned input.
     if step < total_steps and not stop_requested:
       align_fn = None
       if config.model.align:
         # A copy: the train state's buffers are donated to the next step.
-        aligner = _host_model(graphdef, state).aligner
-        align_fn = pipeline.alignment_hook(aligner)
-      batches = pipeline.make_train_iterator(
+        align_fn = pipeline.alignment_hook(_host_model(graphdef, state).aligner)
+      run_stage("segment", pipeline.make_train_iterator(
           train_source, batch_size=config.batch_size,
           slab_slices=config.model.slab_slices, seed=config.seed,
-          start_step=step - align_steps, align_fn=align_fn)
-      while step < total_steps and not stop_requested:
-        batch = _global_batch(next(batches), ("slab", "mask"), data_sharding)
-        state, metrics = seg_step(state, batch)
-        step += 1
-        pending.append(metrics)
-        pending = _bookkeeping(config, step, total_steps, "segment", pending, log,
-                               start_time, start_step, save)
-        if step % config.eval_every_steps == 0 and step < total_steps:
-          evaluate_now(step)
-    _flush(pending, step, total_steps, "segment", log, start_time, start_step)
+          start_step=step - align_steps, align_fn=align_fn), ("slab", "mask"),
+                seg_step, total_steps, evaluate_every=config.eval_every_steps)
     if stop_requested:
       save(step)
       print(f"stopped at step {step}/{total_steps}; checkpoint saved, run again to "
             f"resume", flush=True)
       result = {"stopped_at_step": step}
     elif step >= total_steps:
-      if manager.latest_step() != step:
-        save(step)
+      save(step)
       result = evaluate_now(step)
       if is_chief:
         plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
-        plots.validation_slices(_host_model(graphdef, state), val_source, workdir / "validation_slices.png")
+        plots.validation_slices(_host_model(graphdef, state), val_source,
+                                workdir / "validation_slices.png")
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -322,13 +327,3 @@ def _flush(pending, step, total_steps, stage, log, start_time, start_step):
           f"steps/s, {_format_time(elapsed)} elapsed, {_format_time(eta)} left",
           flush=True)
   return []
-
-
-def _bookkeeping(config, step, total_steps, stage, pending, log, start_time,
-                 start_step, save):
-  if step % config.log_every_steps == 0:
-    pending = _flush(pending, step, total_steps, stage, log, start_time, start_step)
-  if step % config.checkpoint_every_steps == 0:
-    _check_finite(pending, step)
-    save(step)
-  return pending
