@@ -75,22 +75,46 @@ def aggregate_alpha(alphas: jax.Array, slice_weights: jax.Array) -> jax.Array:
   return jnp.nanmedian(jnp.where(use[:, None], alphas, jnp.nan), axis=0)
 
 
+def compose_alpha(first: jax.Array, second: jax.Array, height: int, width: int
+                  ) -> jax.Array:
+  """The transform of warping by ``first`` and then by ``second``:
+  ``warp(warp(A, first), second) == warp(A, compose_alpha(first, second, H, W))``
+  (inside the image). With ``T(p) = c + R (p - c) + t_px`` the result is ``T1 o T2``:
+  rotation ``theta1 + theta2``, shift ``t1 + R(theta1) t2`` (pixels)."""
+  angle = first[..., 0]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  sx, sy = second[..., 1] * width / 2, second[..., 2] * height / 2
+  tx = first[..., 1] + (cos * sx - sin * sy) * 2 / width
+  ty = first[..., 2] + (sin * sx + cos * sy) * 2 / height
+  return jnp.stack([angle + second[..., 0], tx, ty], axis=-1)
+
+
 def align_volume(net: AlignmentNet, volume: jax.Array,
-                 slice_weights: jax.Array | None = None
+                 slice_weights: jax.Array | None = None, iterations: int = 1
                  ) -> tuple[jax.Array, jax.Array]:
   """Estimates one transform for a preprocessed volume and applies it to every slice.
 
   volume: (S, H, W); slice_weights: (S,) slices to trust (default: all).
+  iterations: passes of the net; each later pass estimates the residual transform of
+  the volume aligned so far, which is composed with it (``compose_alpha``), and the
+  input volume is warped once by the total. 1 is the paper's single estimate.
   Returns (aligned volume (S, H, W), alpha (3,)). What the warp brings into view takes
   the volume's minimum (air).
   """
+  if iterations < 1:
+    raise ValueError(f"iterations must be >= 1, got {iterations}")
   background = volume.min()
   slices = (volume - background)[..., None]
+  height, width = volume.shape[1:]
   if slice_weights is None:
     slice_weights = jnp.ones(volume.shape[:1])
   alpha = aggregate_alpha(net(slices), slice_weights)
-  aligned = sampler.warp(slices, alpha)[..., 0] + background
-  return aligned, alpha
+  aligned = sampler.warp(slices, alpha)
+  for _ in range(iterations - 1):
+    alpha = compose_alpha(alpha, aggregate_alpha(net(aligned), slice_weights),
+                          height, width)
+    aligned = sampler.warp(slices, alpha)
+  return aligned[..., 0] + background, alpha
 
 
 def unalign_volume(volume: jax.Array, alpha: jax.Array, fill=0.0) -> jax.Array:
