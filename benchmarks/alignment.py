@@ -8,7 +8,9 @@ Both methods see the same phantom test cases of the run's config
   stn           - the trained alignment network of ``DIR`` (``python -m sean_jax.train``):
                   ``align_volume`` (per-slice estimate, median over brain slices, warp
                   of every slice) under ``jax.jit``, on the preprocessed volume; time per
-                  case after warm-up, with ``block_until_ready``.
+                  case after warm-up, with ``block_until_ready``. Measured also with
+                  two passes (``iterations=2``: a second estimate on the aligned
+                  volume, composed with the first).
   registration  - ANTsPy (the paper's tool), ``type_of_transform="Rigid"`` with its
                   defaults: each volume in HU + 1024 (air near 0: ANTs' centre-of-mass
                   start fails on raw HU) is registered to its own left-right mirror
@@ -193,9 +195,9 @@ def load_cases(config, num_cases: int):
   return out
 
 
-def time_stn(aligner, images, repeats: int):
+def time_stn(aligner, images, repeats: int, iterations: int = 1):
   """Per case: (alpha, median seconds of the jitted align_volume, seconds incl. the
-  brain-slice weights on the host)."""
+  brain-slice weights on the host). ``iterations``: passes of the net."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -206,7 +208,8 @@ def time_stn(aligner, images, repeats: int):
 
   @jax.jit
   def run(state, volume, weights):
-    return alignment.align_volume(nnx.merge(graphdef, state), volume, weights)
+    return alignment.align_volume(nnx.merge(graphdef, state), volume, weights,
+                                  iterations=iterations)
 
   def call(image):
     weights = jnp.asarray(preprocess.brain_slice_weights(image))
@@ -287,6 +290,12 @@ def main(argv=None):
         f"{stn_full_s * 1e3:.1f} ms with the slice weights; error "
         f"{stn_rot.mean():.2f} deg, {stn_shift.mean():.2f} px", flush=True)
 
+  stn2 = time_stn(model.aligner, cases["image"], args.repeats, iterations=2)
+  stn2_s = statistics.median(r[1] for r in stn2)
+  stn2_rot, stn2_shift = _errors([r[0] for r in stn2], cases["pose"], height, width)
+  print(f"stn, 2 passes: {stn2_s * 1e3:.1f} ms per case; error {stn2_rot.mean():.2f} deg,"
+        f" {stn2_shift.mean():.2f} px", flush=True)
+
   reg = run_registration(cases["hu"], cases["spacing"], args.registration_python)
   reg_alphas = [np.asarray(r["alpha"]) for r in reg["rows"]]
   reg_times = [r["seconds"] for r in reg["rows"]]
@@ -311,6 +320,9 @@ def main(argv=None):
       "stn_shift_err_px": float(stn_shift.mean()),
       "registration_rot_err_deg": float(reg_rot.mean()),
       "registration_shift_err_px": float(reg_shift.mean()),
+      "stn_2pass_s_per_case": stn2_s,
+      "stn_2pass_rot_err_deg": float(stn2_rot.mean()),
+      "stn_2pass_shift_err_px": float(stn2_shift.mean()),
       "identity_rot_err_deg": float(ident_rot.mean()),
       "identity_shift_err_px": float(ident_shift.mean()),
       "errors_are": "means over cases; shift in pixels of the model grid",
@@ -325,7 +337,8 @@ def main(argv=None):
           "registration_rot_err_deg": _stats(reg_rot),
           "registration_shift_err_px": _stats(reg_shift),
           "registration_s": _stats(reg_times),
-          "stn_s": _stats([r[1] for r in stn])},
+          "stn_s": _stats([r[1] for r in stn]),
+          "stn_2pass_rot_err_deg": _stats(stn2_rot)},
       "num_cases": n,
       "volume_shape": [num_slices, height, width],
       "workdir": str(args.workdir), "checkpoint_step": step,
@@ -338,10 +351,13 @@ def main(argv=None):
                        "intensity": "HU + 1024", "numpy": reg["numpy"],
                        "python": args.registration_python},
       "cases": [{"case_id": cid, "true_alpha": list(map(float, p)),
-                 "stn_alpha": list(map(float, a)), "registration_alpha": list(map(float, r)),
+                 "stn_alpha": list(map(float, a)),
+                 "stn_2pass_alpha": list(map(float, s2[0])),
+                 "registration_alpha": list(map(float, r)),
                  "stn_s": s[1], "registration_s": rs}
-                for cid, p, a, r, s, rs in zip(cases["case_id"], cases["pose"],
-                                               stn_alphas, reg_alphas, stn, reg_times)],
+                for cid, p, a, r, s, s2, rs in zip(cases["case_id"], cases["pose"],
+                                                   stn_alphas, reg_alphas, stn, stn2,
+                                                   reg_times)],
       "load_average_start": load_start, "load_average_end": os.getloadavg(),
       "machine": info,
   }
