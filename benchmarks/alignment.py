@@ -17,6 +17,13 @@ Both methods see the same phantom test cases of the run's config
                   image, and the pose is half of that transform (derivation below).
                   Time per case: from the HU array to the pose, the registration call
                   included.
+The recorded run (results/alignment.json) used an alignment net trained alone (no
+segmentation steps) on the phantom config at 256 px:
+``python -m sean_jax.train --config configs/sean.py:phantom --workdir W
+--config.model.align_input_size=64 --config.align.num_train_steps=1500
+--config.num_train_steps=-1 --config.num_epochs=0 --config.model.width=8
+--config.data.num_val_cases=2 --config.data.num_test_cases=16`` (300 training cases).
+
 Errors are ``sean_jax.metrics.alignment_error`` (|d theta| in degrees, midline shift in
 pixels of the model grid), as ``sean_jax.evaluate`` reports them.
 
@@ -264,6 +271,10 @@ def main(argv=None):
                       help="write results also with --quick")
   args = parser.parse_args(argv)
   num_cases = args.num_cases or (3 if args.quick else 12)
+  if subprocess.run([args.registration_python, "-c", "import ants"],
+                    capture_output=True).returncode != 0:
+    parser.error(f"{args.registration_python} cannot import ants: pip install antspyx "
+                 f"(or pass --registration-python of an environment that has it)")
 
   sys.path.insert(0, str(ROOT))
   from benchmarks import common  # pylint: disable=g-import-not-at-top
