@@ -29,7 +29,8 @@ def model_options(config: ml_collections.ConfigDict) -> ModelOptions:
       backbone=m.backbone, fusion=m.fusion, attention_self=m.attention_self,
       attention_symmetry=m.attention_symmetry, align=m.align, width=m.width,
       slab_slices=m.slab_slices, partitions=tuple(m.partitions),
-      num_classes=m.num_classes, align_input_size=m.align_input_size)
+      num_classes=m.num_classes, align_input_size=m.align_input_size,
+      conv3d=m.get("conv3d", "auto"))
 
 
 def compute_dtype(config):

@@ -28,7 +28,8 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       backbone="hybrid", fusion="none", attention_self=True, attention_symmetry=True,
       align=False, width=64, slab_slices=3, partitions=(4, 4), num_classes=2,
-      align_input_size=128))
+      align_input_size=128,
+      conv3d="auto"))  # auto | fold | native: how 3D convs are computed, same parameters
   c.model.update(VARIANTS[variant])
 
   # Data.

@@ -35,6 +35,7 @@ class ModelOptions:
   partitions: tuple[int, int] = (4, 4)
   num_classes: int = 2
   align_input_size: int = 128
+  conv3d: str = "auto"                # how 3D convolutions are computed (unet.CONV3D_IMPLS)
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:
@@ -47,6 +48,9 @@ class ModelOptions:
       raise ValueError("fusion 'attention' needs attention_self or attention_symmetry")
     if self.width < 1:
       raise ValueError(f"model.width must be positive, got {self.width}")
+    if self.conv3d not in unet.CONV3D_IMPLS:
+      raise ValueError(f"model.conv3d must be one of {unet.CONV3D_IMPLS}, got "
+                       f"{self.conv3d!r}")
 
 
 # Rows of Table 1 and Table 2. The paper's baselines ran on unaligned input.
@@ -86,7 +90,7 @@ class SegmentationNet(nnx.Module):
     o = options
     in_features = 2 if o.fusion == "image_l1" else 1
     self.encoder = unet.Encoder(in_features, o.width, hybrid=o.backbone == "hybrid",
-                                dtype=dtype, rngs=rngs)
+                                conv3d=o.conv3d, dtype=dtype, rngs=rngs)
     bottleneck = o.width * 2 ** (unet.NUM_LEVELS - 1)
     self.attention = (
         SymmetryAttention(bottleneck, o.partitions, use_self=o.attention_self,
