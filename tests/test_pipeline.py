@@ -412,3 +412,26 @@ def test_lru_cache_bound():
   for k in range(8):
     full[k]
   assert full.volume_cache.loads == 4  # default: every case prepared once
+
+
+def test_shared_phantom_cache_makes_each_case_once(monkeypatch):
+  """Sources of one process with shared_cache reuse prepared cases (the tables runner
+  trains many models on the same cases); the cache is bounded and keyed on the case."""
+  calls = []
+  real = P.PhantomCaseSource.raw_case
+  monkeypatch.setattr(P.PhantomCaseSource, "raw_case",
+                      lambda self, i: calls.append(i) or real(self, i))
+  monkeypatch.setattr(P, "_PHANTOM_CACHE", {})
+  first = P.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
+  again = P.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
+  other_seed = P.PhantomCaseSource(seed=6, num_cases=3, config=TINY, shared_cache=2)
+  a = first[0]
+  b = again[0]
+  assert calls == [0]
+  np.testing.assert_array_equal(a["image"], b["image"])
+  other_seed[0]
+  assert calls == [0, 0]  # another seed is another case
+  first[1]  # evicts seed 5 case 0 (least recently used)
+  again[0]
+  assert calls == [0, 0, 1, 0] and len(P._PHANTOM_CACHE) == 2
+  np.testing.assert_array_equal(a["image"], P.PhantomCaseSource(5, 3, TINY)[0]["image"])

@@ -222,13 +222,16 @@ class PhantomCaseSource:
   """
 
   def __init__(self, seed: int, num_cases: int, config=None, start_index: int = 0, *,
-               image_size=None, window=None):
+               image_size=None, window=None, shared_cache: int = 0):
     from sean_jax.data.phantom import PhantomConfig  # pylint: disable=g-import-not-at-top
     if num_cases < 1:
       raise ValueError(f"PhantomCaseSource: num_cases must be >= 1, got {num_cases}")
     self.seed, self.num_cases, self.start_index = int(seed), int(num_cases), int(start_index)
     self.config = PhantomConfig() if config is None else config
     self.image_size, self.window = _as_size(image_size), window
+    # Prepared cases kept for every source of this process (a run of many trainings on
+    # the same cases, such as sean_jax.tables, makes each case once); 0: no cache.
+    self.shared_cache = int(shared_cache)
 
   def __len__(self) -> int:
     return self.num_cases
@@ -243,12 +246,31 @@ class PhantomCaseSource:
                          self.config)
 
   def __getitem__(self, i: int) -> dict:
+    if not self.shared_cache:
+      return self._prepare(i)
+    key = (self.seed, self.start_index + _check_index(i, len(self)), self.config,
+           self.image_size, None if self.window is None else tuple(self.window))
+    with _PHANTOM_CACHE_LOCK:
+      case = _PHANTOM_CACHE.pop(key, None)
+    if case is None:
+      case = self._prepare(i)
+    with _PHANTOM_CACHE_LOCK:
+      _PHANTOM_CACHE[key] = case  # most recent last
+      while len(_PHANTOM_CACHE) > self.shared_cache:
+        _PHANTOM_CACHE.pop(next(iter(_PHANTOM_CACHE)))
+    return dict(case)
+
+  def _prepare(self, i: int) -> dict:
     case = self.raw_case(i)
     _, h, w = case.ct_hu.shape
     return prepare_case(case.case_id, case.ct_hu, case.mask, intensity="hu",
                         window=self.window, lesion_labels=None,
                         image_size=self.image_size, pose=_pose_alpha(case.pose, h, w),
                         spacing_mm=case.spacing_mm)
+
+
+_PHANTOM_CACHE: dict = {}  # see PhantomCaseSource.shared_cache
+_PHANTOM_CACHE_LOCK = threading.Lock()
 
 
 class TfdsCaseSource:

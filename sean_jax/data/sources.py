@@ -29,7 +29,8 @@ def case_source(config, split: str):
                             slices=data.phantom_slices)
     return pipeline.PhantomCaseSource(data.phantom_seed, counts[split], phantom,
                                       start_index=start, image_size=size,
-                                      window=tuple(data.hu_window))
+                                      window=tuple(data.hu_window),
+                                      shared_cache=data.get("phantom_cache_cases", 0))
   if data.source == "aisd":
     data_dir = os.path.expanduser(data.aisd_data_dir)
     try:
