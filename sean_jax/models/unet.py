@@ -17,14 +17,14 @@ from flax import nnx
 NUM_LEVELS = 5
 # How a 3x3x3 convolution is computed (the parameters are the same either way):
 #   "fold"   the three depth taps folded into the channel axis, one 2D convolution with
-#            3C input channels: XLA's CPU 3D convolution is 2-4x slower than its 2D one
-#            (benchmarks/train_step.py);
+#            3C input channels: on CPU it halves a training step against XLA's 3D
+#            convolution (docs/performance.md);
 #   "native" XLA's own 3D convolution;
 #   "auto"   "fold" on CPU, "native" elsewhere.
 CONV3D_IMPLS = ("auto", "fold", "native")
 # The first convolution (1-2 input channels) stays native: with 3 folded channels
 # XLA's kernel gradient sums every voxel in one float32 chain (1.5e-3 relative error
-# against PyTorch, measured, instead of 1e-6), and the layer costs under 1% of a step.
+# against PyTorch, measured, instead of < 1e-5), and the layer costs under 1% of a step.
 FOLD_MIN_FEATURES = 4
 # Initial probability of the foreground classes (infarcts are ~0.5% of the pixels).
 FOREGROUND_PRIOR = 0.01
