@@ -13,9 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+  """Writes ``fig`` to ``path`` whole or not at all (temporary file, then rename)."""
   tmp = Path(path).with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=100, bbox_inches="tight")
+  fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
   plt.close(fig)
   os.replace(tmp, path)
 
@@ -40,7 +41,7 @@ def training_curves(metrics_jsonl: Path, out_png: Path) -> None:
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("validation Dice (case mean)")
   axes[1].set_ylim(0, 1)
-  _save(fig, out_png)
+  save_figure(fig, out_png)
 
 
 def outline_panel(ax, image, truth, prediction, title=""):
@@ -55,23 +56,33 @@ def outline_panel(ax, image, truth, prediction, title=""):
   ax.axis("off")
 
 
-def validation_slices(model, source, out_png: Path, max_cases: int = 4) -> None:
-  """A few validation slices (the largest lesion slice of each lesion case)."""
-  from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
-  panels = []
+def largest_lesion_slices(source, max_cases: int) -> list[tuple[dict, int]]:
+  """(case, index of its largest lesion slice) for the first ``max_cases`` cases of
+  ``source`` that have a lesion."""
+  picks = []
   for i in range(len(source)):
+    if len(picks) == max_cases:
+      break
     case = source[i]
     area = case["mask"].reshape(case["mask"].shape[0], -1).sum(1)
-    if area.max() == 0:
-      continue
-    probs, _ = segment_volume(model, case["image"],
-                              preprocess.brain_slice_weights(case["image"]))
-    s = int(area.argmax())
-    panels.append((case["image"][s], case["mask"][s], np.asarray(probs[s]) > 0.5,
-                   f"{case['case_id']} slice {s}"))
-    if len(panels) == max_cases:
-      break
+    if area.max() > 0:
+      picks.append((case, int(area.argmax())))
+  return picks
+
+
+def predicted_lesion(model, volume) -> np.ndarray:
+  """Boolean lesion mask (S, H, W) of ``model`` on a preprocessed volume."""
+  from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
+  probs, _ = segment_volume(model, volume, preprocess.brain_slice_weights(volume))
+  return np.asarray(probs) > 0.5
+
+
+def validation_slices(model, source, out_png: Path, max_cases: int = 4) -> None:
+  """A few validation slices (the largest lesion slice of each lesion case)."""
+  panels = [(case["image"][s], case["mask"][s],
+             predicted_lesion(model, case["image"])[s], f"{case['case_id']} slice {s}")
+            for case, s in largest_lesion_slices(source, max_cases)]
   if not panels:
     return
   fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2),
@@ -79,4 +90,4 @@ def validation_slices(model, source, out_png: Path, max_cases: int = 4) -> None:
   for ax, (image, truth, pred, title) in zip(axes[0], panels):
     outline_panel(ax, image, truth, pred, title)
   fig.suptitle("validation: truth green, prediction red", fontsize=9)
-  _save(fig, out_png)
+  save_figure(fig, out_png)

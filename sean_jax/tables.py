@@ -92,39 +92,26 @@ def figure3(workdir: Path, variants, out_png: Path, num_slices: int = 3) -> None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from sean_jax import checkpointing, plots  # pylint: disable=g-import-not-at-top
-  from sean_jax.data import preprocess, sources  # pylint: disable=g-import-not-at-top
-  from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   labels = [(label, v) for label, v in variants
             if (workdir / v / "seed0" / "eval.json").exists()]
   if not labels:
     return
-  _, config, _ = checkpointing.load_model(workdir / labels[0][1] / "seed0")
-  source = sources.case_source(config, "test")
-  picks = []
-  for i in range(len(source)):
-    case = source[i]
-    area = case["mask"].reshape(case["mask"].shape[0], -1).sum(1)
-    if area.max() > 0:
-      picks.append((case, int(area.argmax())))
-    if len(picks) == num_slices:
-      break
+  config = checkpointing.load_config(workdir / labels[0][1] / "seed0")
+  picks = plots.largest_lesion_slices(sources.case_source(config, "test"), num_slices)
   fig, axes = plt.subplots(len(picks), len(labels),
                            figsize=(1.9 * len(labels), 2.0 * len(picks)), squeeze=False)
   for col, (label, variant) in enumerate(labels):
     model, _, _ = checkpointing.load_model(workdir / variant / "seed0")
-    model.eval()
     for row, (case, s) in enumerate(picks):
-      probs, _ = segment_volume(model, case["image"],
-                                preprocess.brain_slice_weights(case["image"]))
       plots.outline_panel(axes[row, col], case["image"][s], case["mask"][s],
-                          np.asarray(probs[s]) > 0.5,
+                          plots.predicted_lesion(model, case["image"])[s],
                           label if row == 0 else "")
   fig.suptitle("phantom test slices: truth green, prediction red (seed 0)", fontsize=9)
   fig.tight_layout()
   out_png.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_png, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, out_png, dpi=110)
 
 
 def collect(workdir: Path, seeds) -> dict:
