@@ -28,10 +28,10 @@ from benchmarks.train_step import jax_step  # noqa: E402
 PAPER = dict(size=512, width=64, partitions=(4, 4))
 
 
-def step_bytes(batch: int, conv3d: str, half: bool) -> dict:
+def step_bytes(batch: int, conv: str, half: bool) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   shape = dict(PAPER, batch=batch)
-  step, state, inputs, _ = jax_step("sean", shape, conv3d,
+  step, state, inputs, _ = jax_step("sean", shape, conv,
                                     jnp.bfloat16 if half else None, abstract=True)
   mem = step.lower(state, *inputs).compile().memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -45,7 +45,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="1,2,4")
   parser.add_argument("--budget-gib", type=float, default=80.0)
-  parser.add_argument("--conv3d", default="native",
+  parser.add_argument("--conv", default="native",
                       help="native (what a GPU runs; the default) or fold")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
@@ -54,7 +54,7 @@ def main(argv=None):
   info = common.machine_info()
   results = {}
   for half in (False, True):
-    rows = [step_bytes(b, args.conv3d, half) for b in sizes]
+    rows = [step_bytes(b, args.conv, half) for b in sizes]
     slope, intercept = np.polyfit([r["batch"] for r in rows],
                                   [r["total_bytes"] for r in rows], 1)
     budget = args.budget_gib * 2**30
@@ -68,7 +68,7 @@ def main(argv=None):
             f"(temporaries {r['temp_bytes'] / 2**30:.2f} GiB)")
     print(f"{name}: {slope / 2**30:.2f} GiB per sample + {intercept / 2**30:.2f} GiB; "
           f"largest batch in {args.budget_gib:.0f} GiB: {largest}")
-  summary = {"shape": PAPER, "conv3d": args.conv3d, "budget_gib": args.budget_gib,
+  summary = {"shape": PAPER, "conv": args.conv, "budget_gib": args.budget_gib,
              "paper_batch8_float32_gib": (results["float32"]["constant_bytes"]
                                           + 8 * results["float32"]["bytes_per_sample"])
              / 2**30, **results, "machine": info}

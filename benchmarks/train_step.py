@@ -5,11 +5,15 @@
 Models: SEAN (HybridUnet + symmetry enhanced attention) and HybridUnet (no fusion), the
 segmentation network of stage 2 with the GDL + CE loss of training.
   jax         ``SegmentationNet`` under ``jax.jit``, the step of ``sean_jax.trainer``
-              (value_and_grad + optax Adam), float32; ``conv3d="fold"`` (the default
-              on CPU: depth taps folded into channels, one 2D convolution).
-  jax_native  the same with ``conv3d="native"`` (XLA's own 3D convolution).
-  jax_bf16    the same as ``jax`` with ``half_precision`` (bfloat16 activations and
-              matrix products, float32 parameters, optimizer state and loss).
+              (value_and_grad + optax Adam), float32, ``model.conv="auto"``: oneDNN's
+              convolutions through XLA's FFI where installed (the CPU default), else
+              the fold below.
+  jax_fold    ``conv="fold"``: XLA's convolutions, a 3D one as a 2D convolution over
+              the depth taps folded into channels.
+  jax_native  ``conv="native"``: XLA's own convolutions.
+  jax_bf16    ``half_precision`` (bfloat16 activations and matrix products, float32
+              parameters, optimizer state and loss); XLA's convolutions (fold), since
+              the oneDNN path is float32.
   torch       the PyTorch reference of the parity tests (tests/torch_reference) with
               the same weights, eager, torch.optim.Adam; float32.
 All see the same batch. Timings are interleaved (a, b, c, a, b, c, ...), median of at
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from sean_jax import losses  # noqa: E402
 from sean_jax.models.sean import VARIANTS, ModelOptions, SegmentationNet  # noqa: E402
+from sean_jax.models.unet import resolve_conv  # noqa: E402
 
 # "main": the paper's network shape (B, depth, P x Q) at a width and size a CPU can step
 # in about a second; "small": the demo's.
@@ -47,13 +52,14 @@ SHAPES = {
     "small": dict(batch=8, size=64, width=8, partitions=(2, 2)),
 }
 MODELS = ("sean", "hybrid")
-IMPLS = ("jax", "jax_native", "jax_bf16", "torch")
+IMPLS = ("jax", "jax_fold", "jax_native", "jax_bf16", "torch")
+CONV = {"jax": "auto", "jax_fold": "fold", "jax_native": "native", "jax_bf16": "auto"}
 LEARNING_RATE = 1e-4
 
 
-def options(model: str, shape: dict, conv3d: str) -> ModelOptions:
+def options(model: str, shape: dict, conv: str) -> ModelOptions:
   fields = dict(VARIANTS[model], width=shape["width"], partitions=shape["partitions"],
-                conv3d=conv3d)
+                conv=conv)
   fields.pop("align")
   return ModelOptions(align=False, **fields)
 
@@ -71,12 +77,12 @@ def batch(shape: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return slab, mask
 
 
-def jax_step(model: str, shape: dict, conv3d: str, dtype=None, abstract: bool = False):
+def jax_step(model: str, shape: dict, conv: str, dtype=None, abstract: bool = False):
   """(step, state, inputs, net): ``step(state, *inputs)`` returns the new state and
   loss. ``abstract``: shapes only (``jax.ShapeDtypeStruct``), nothing allocated."""
 
   def make():
-    net = SegmentationNet(options(model, shape, conv3d), dtype=dtype, rngs=nnx.Rngs(0))
+    net = SegmentationNet(options(model, shape, conv), dtype=dtype, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(net, optax.adam(LEARNING_RATE, b1=0.9, b2=0.99), wrt=nnx.Param)
     return net, opt
 
@@ -125,9 +131,8 @@ def make_runner(impl: str, model: str, shape: dict):
   if impl == "torch":
     _, _, _, net = jax_step(model, shape, "native")
     return torch_step(model, shape, net), None
-  conv3d = "native" if impl == "jax_native" else "fold"
   dtype = jnp.bfloat16 if impl == "jax_bf16" else None
-  step, state, inputs, _ = jax_step(model, shape, conv3d, dtype)
+  step, state, inputs, _ = jax_step(model, shape, CONV[impl], dtype)
   compiled = step.lower(state, *inputs).compile()
   box = [state]
 
@@ -213,9 +218,11 @@ def bench(model: str, shape_name: str, repeats: int, impls, memory: bool) -> dic
 
 def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32) -> dict:
   """Where a 3x3x3 convolution's time goes: forward, input gradient (dx) and kernel
-  gradient (dk) of one encoder-like layer, XLA native vs fold vs PyTorch (oneDNN)."""
+  gradient (dk) of one encoder-like layer: XLA native, fold, oneDNN through the FFI (where
+  installed) and PyTorch (oneDNN, eager)."""
   import torch  # pylint: disable=g-import-not-at-top
   from sean_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from sean_jax.ops import onednn  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, depth, size, size, channels)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 3, channels, channels)) * 0.05, jnp.float32)
@@ -225,6 +232,8 @@ def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32) -> dict:
       "native": lambda x, k: jax.lax.conv_general_dilated(
           x, k, (1, 1, 1), [(1, 1)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
       "fold": lambda x, k: unet.depth_folded_conv(x, k)}
+  if onednn.available():
+    impls["onednn"] = onednn.conv
   fns = {}
   for name, conv in impls.items():
     fns[f"{name}_fwd"] = jax.jit(conv)
@@ -262,7 +271,7 @@ def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="SEAN only; jax, jax_bf16 and torch; 10 repeats; no memory "
+                      help="SEAN only; jax, jax_fold and torch; 10 repeats; no memory "
                       "subprocesses (under 3 minutes on 2 cores)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--shapes", default="main,small")
@@ -277,7 +286,7 @@ def main(argv=None):
     parser.error("--repeats must be at least 10")
   shapes = args.shapes.split(",")
   args.models = args.models or ("sean" if args.quick else ",".join(MODELS))
-  impls = (args.impls or ("jax,jax_bf16,torch" if args.quick else ",".join(IMPLS))
+  impls = (args.impls or ("jax,jax_fold,torch" if args.quick else ",".join(IMPLS))
            ).split(",")
   for name, known in (("shape", SHAPES), ("model", MODELS), ("impl", IMPLS)):
     chosen = {"shape": shapes, "model": args.models.split(","), "impl": impls}[name]
@@ -299,7 +308,9 @@ def main(argv=None):
       "jax_step_ms": head["ms"].get("jax"),
       "torch_step_ms": head["ms"].get("torch"),
       "speedup_vs_torch": head.get("speedup_vs_torch", {}).get("jax"),
+      "jax_fold_step_ms": head["ms"].get("jax_fold"),
       "jax_bf16_step_ms": head["ms"].get("jax_bf16"),
+      "conv": resolve_conv("auto"),
       "jax_peak_memory_mib": head.get("peak_rss_growth_mib", {}).get("jax"),
       "torch_peak_memory_mib": head.get("peak_rss_growth_mib", {}).get("torch"),
       "jax_xla_memory_mib": head["xla_memory_mib"].get("jax"),

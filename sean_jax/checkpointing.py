@@ -30,7 +30,7 @@ def model_options(config: ml_collections.ConfigDict) -> ModelOptions:
       attention_symmetry=m.attention_symmetry, align=m.align, width=m.width,
       slab_slices=m.slab_slices, partitions=tuple(m.partitions),
       num_classes=m.num_classes, align_input_size=m.align_input_size,
-      conv3d=m.get("conv3d", "auto"))
+      conv=m.get("conv", m.get("conv3d", "auto")))  # "conv3d": before 2026-11-25
 
 
 def compute_dtype(config):

@@ -29,7 +29,7 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
       backbone="hybrid", fusion="none", attention_self=True, attention_symmetry=True,
       align=False, width=64, slab_slices=3, partitions=(4, 4), num_classes=2,
       align_input_size=128,
-      conv3d="auto"))  # auto | fold | native: how 3D convs are computed, same parameters
+      conv="auto"))  # auto | onednn | fold | native: how convs run, same parameters
   c.model.update(VARIANTS[variant])
 
   # Data.

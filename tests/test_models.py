@@ -186,7 +186,7 @@ def test_hybrid_uses_adjacent_slices():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(backbone="resnet"), "backbone"), (dict(fusion="sum"), "fusion"),
-    (dict(slab_slices=2), "odd"), (dict(conv3d="im2col"), "conv3d"),
+    (dict(slab_slices=2), "odd"), (dict(conv="im2col"), "model.conv"),
     (dict(fusion="attention", attention_self=False, attention_symmetry=False),
      "attention")])
 def test_bad_options_are_named(bad, match):
@@ -215,13 +215,26 @@ def test_depth_folded_conv_equals_xla_3d_conv(depth):
     np.testing.assert_allclose(g_folded, g_native, rtol=1e-5, atol=1e-4)
 
 
-def test_conv3d_choice_keeps_parameters_and_output():
-  options = ModelOptions(**{**TINY, "backbone": "hybrid", "conv3d": "fold"})
-  fold = SegmentationNet(options, rngs=rngs())
-  native = SegmentationNet(dataclasses.replace(options, conv3d="native"), rngs=rngs())
-  nnx.update(native, nnx.state(fold))
+def test_conv_choice_keeps_parameters_outputs_and_gradients():
+  """Every implementation of model.conv computes the same network from the same
+  parameters: logits and the loss gradient of every parameter agree."""
+  from sean_jax.ops import onednn
+  impls = ["fold", "native"] + (["onednn"] if onednn.available() else [])
+  options = ModelOptions(**{**TINY, "backbone": "hybrid"})  # 3D encoder, 2D decoder
   slab = jax.random.normal(jax.random.key(5), (2, 3, 32, 32, 1))
-  np.testing.assert_allclose(fold(slab), native(slab), rtol=1e-4, atol=1e-4)
+  results = []
+  for impl in impls:
+    net = SegmentationNet(dataclasses.replace(options, conv=impl), rngs=rngs())
+    if results:
+      nnx.update(net, nnx.state(first))
+    else:
+      first = net
+    loss = lambda net: jnp.mean(jnp.square(net(slab)))
+    results.append((net(slab), nnx.grad(loss)(net)))
+  for logits, grads in results[1:]:
+    np.testing.assert_allclose(logits, results[0][0], rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5),
+                 grads, results[0][1])
 
 
 def test_bad_input_shapes_are_named():
@@ -356,3 +369,25 @@ def test_bfloat16_step_stays_close_to_float32():
   assert cosine(np.concatenate(g16), np.concatenate(g32)) > 0.95
   per_tensor = [cosine(a, b) for a, b in zip(g16, g32) if np.linalg.norm(b) > 1e-8]
   assert min(per_tensor) > 0.8, sorted(per_tensor)[:3]
+
+
+def test_upsample_conv_equals_flax_conv_transpose():
+  """The decoder's up-conv as a matrix product against nnx.ConvTranspose, forward and
+  both gradients."""
+  from sean_jax.models import unet
+  up = nnx.ConvTranspose(3, 5, (2, 2), strides=(2, 2), padding="VALID", use_bias=False,
+                         rngs=rngs())
+  x = jax.random.normal(jax.random.key(6), (2, 4, 6, 3))
+  kernel = up.kernel[...]
+  cotangent = jax.random.normal(jax.random.key(7), (2, 8, 12, 5))
+
+  def lax_up(kernel, x):  # what nnx.ConvTranspose calls
+    return jax.lax.conv_transpose(x, kernel, (2, 2), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  np.testing.assert_allclose(lax_up(kernel, x), up(x), rtol=1e-6, atol=1e-6)
+  y, vjp = jax.vjp(lambda k, x: unet.upsample_conv(x, k), kernel, x)
+  y_ref, vjp_ref = jax.vjp(lax_up, kernel, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ class ModelOptions:
   partitions: tuple[int, int] = (4, 4)
   num_classes: int = 2
   align_input_size: int = 128
-  conv3d: str = "auto"                # how 3D convolutions are computed (unet.CONV3D_IMPLS)
+  conv: str = "auto"                  # how the 3x3(x3) convolutions run (unet.CONV_IMPLS)
 
   def __post_init__(self):
     if self.backbone not in BACKBONES:
@@ -48,9 +48,8 @@ class ModelOptions:
       raise ValueError("fusion 'attention' needs attention_self or attention_symmetry")
     if self.width < 1:
       raise ValueError(f"model.width must be positive, got {self.width}")
-    if self.conv3d not in unet.CONV3D_IMPLS:
-      raise ValueError(f"model.conv3d must be one of {unet.CONV3D_IMPLS}, got "
-                       f"{self.conv3d!r}")
+    if self.conv not in unet.CONV_IMPLS:
+      raise ValueError(f"model.conv must be one of {unet.CONV_IMPLS}, got {self.conv!r}")
 
 
 # Rows of Table 1 and Table 2. The paper's baselines ran on unaligned input.
@@ -90,14 +89,15 @@ class SegmentationNet(nnx.Module):
     o = options
     in_features = 2 if o.fusion == "image_l1" else 1
     self.encoder = unet.Encoder(in_features, o.width, hybrid=o.backbone == "hybrid",
-                                conv3d=o.conv3d, dtype=dtype, rngs=rngs)
+                                conv=o.conv, dtype=dtype, rngs=rngs)
     bottleneck = o.width * 2 ** (unet.NUM_LEVELS - 1)
     self.attention = (
         SymmetryAttention(bottleneck, o.partitions, use_self=o.attention_self,
                           use_symmetry=o.attention_symmetry, dtype=dtype, rngs=rngs)
         if o.fusion == "attention" else None)
     fused = 2 * bottleneck if o.fusion in ("feature_l1", "feature_concat") else bottleneck
-    self.decoder = unet.Decoder(fused, o.width, o.num_classes, dtype=dtype, rngs=rngs)
+    self.decoder = unet.Decoder(fused, o.width, o.num_classes, conv=o.conv, dtype=dtype,
+                                rngs=rngs)
 
   def __call__(self, slab: jax.Array) -> jax.Array:
     o = self.options

@@ -14,15 +14,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sean_jax.ops import onednn
+
 NUM_LEVELS = 5
-# How a 3x3x3 convolution is computed (the parameters are the same either way):
-#   "fold"   the three depth taps folded into the channel axis, one 2D convolution with
-#            3C input channels: on CPU it halves a training step against XLA's 3D
-#            convolution (docs/performance.md);
-#   "native" XLA's own 3D convolution;
-#   "auto"   "fold" on CPU, "native" elsewhere.
-CONV3D_IMPLS = ("auto", "fold", "native")
-# The first convolution (1-2 input channels) stays native: with 3 folded channels
+# How the 3x3(x3) convolutions of the conv blocks are computed (the parameters are the
+# same either way; docs/performance.md has the measurements):
+#   "onednn" oneDNN's kernels through XLA's FFI (sean_jax.ops.onednn; CPU, float32):
+#            2.5-6x faster than XLA's on CPU, level with PyTorch;
+#   "fold"   XLA, the three depth taps of a 3D convolution folded into the channel
+#            axis, one 2D convolution with 3C input channels (2x XLA's 3D on CPU);
+#   "native" XLA's own convolutions;
+#   "auto"   "onednn" where it applies (CPU backend, one device, float32 and the
+#            library installed), else "fold" on CPU, else "native".
+CONV_IMPLS = ("auto", "onednn", "fold", "native")
+# The first convolution (1-2 input channels) is not folded: with 3 folded channels
 # XLA's kernel gradient sums every voxel in one float32 chain (1.5e-3 relative error
 # against PyTorch, measured, instead of < 1e-5), and the layer costs under 1% of a step.
 FOLD_MIN_FEATURES = 4
@@ -58,20 +63,36 @@ def _folded(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   return depth_folded_conv(x, kernel, conv.precision)
 
 
-def _use_fold(conv3d: str, in_features: int = FOLD_MIN_FEATURES) -> bool:
-  if conv3d not in CONV3D_IMPLS:
-    raise ValueError(f"model.conv3d must be one of {CONV3D_IMPLS}, got {conv3d!r}")
-  return in_features >= FOLD_MIN_FEATURES and (
-      conv3d == "fold" or (conv3d == "auto" and jax.default_backend() == "cpu"))
+def resolve_conv(conv: str, dtype=None) -> str:
+  """The implementation ("onednn", "fold" or "native") that ``conv`` (one of
+  CONV_IMPLS) means here, for a compute ``dtype`` (None: float32)."""
+  if conv not in CONV_IMPLS:
+    raise ValueError(f"model.conv must be one of {CONV_IMPLS}, got {conv!r}")
+  float32 = dtype is None or jnp.dtype(dtype) == jnp.float32
+  if conv == "onednn":
+    if not float32:
+      raise ValueError("model.conv='onednn' computes in float32; half_precision needs "
+                       "'fold' or 'native'")
+    if not onednn.available():
+      raise ValueError(f"model.conv='onednn': {onednn.unavailable_reason()}")
+  if conv != "auto":
+    return conv
+  if jax.default_backend() != "cpu":
+    return "native"
+  if float32 and jax.local_device_count() == 1 and onednn.available():
+    return "onednn"
+  return "fold"
 
 
 class ConvBlock(nnx.Module):
-  """(conv 3x3[x3] - BatchNorm - ReLU) x 2 on (B, D, H, W, C) or (B, H, W, C)."""
+  """(conv 3x3[x3] - BatchNorm - ReLU) x 2 on (B, D, H, W, C) or (B, H, W, C).
+
+  ``conv`` is one of CONV_IMPLS (resolved at construction).
+  """
 
   def __init__(self, in_features: int, out_features: int, *, spatial_dims: int,
-               conv3d: str = "auto", dtype=None, rngs: nnx.Rngs):
-    _use_fold(conv3d)  # validates
-    self.conv3d = conv3d if spatial_dims == 3 else "native"
+               conv: str = "auto", dtype=None, rngs: nnx.Rngs):
+    self.conv = resolve_conv(conv, dtype)
     kernel = (3,) * spatial_dims
     self.conv1 = nnx.Conv(in_features, out_features, kernel, padding=1, use_bias=False,
                           dtype=dtype, rngs=rngs)
@@ -85,7 +106,11 @@ class ConvBlock(nnx.Module):
     return jax.nn.relu(self.bn2(self._conv(self.conv2, x)))
 
   def _conv(self, conv: nnx.Conv, x: jax.Array) -> jax.Array:
-    return _folded(conv, x) if _use_fold(self.conv3d, conv.in_features) else conv(x)
+    if self.conv == "onednn":
+      return onednn.conv(*conv.promote_dtype((x, conv.kernel[...]), dtype=conv.dtype))
+    if self.conv == "fold" and x.ndim == 5 and conv.in_features >= FOLD_MIN_FEATURES:
+      return _folded(conv, x)
+    return conv(x)
 
 
 class Encoder(nnx.Module):
@@ -97,12 +122,12 @@ class Encoder(nnx.Module):
   """
 
   def __init__(self, in_features: int, width: int, *, hybrid: bool,
-               conv3d: str = "auto", dtype=None, rngs: nnx.Rngs):
+               conv: str = "auto", dtype=None, rngs: nnx.Rngs):
     self.hybrid = hybrid
     dims = 3 if hybrid else 2
     features = [width * 2**k for k in range(NUM_LEVELS)]
     self.blocks = nnx.List([
-        ConvBlock(cin, cout, spatial_dims=dims, conv3d=conv3d, dtype=dtype, rngs=rngs)
+        ConvBlock(cin, cout, spatial_dims=dims, conv=conv, dtype=dtype, rngs=rngs)
         for cin, cout in zip([in_features] + features[:-1], features)])
 
   def __call__(self, slab: jax.Array) -> list[jax.Array]:
@@ -123,6 +148,18 @@ def _per_slice(fn, x):
   return y.reshape((b, d) + y.shape[1:])
 
 
+def upsample_conv(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """What ``nnx.ConvTranspose(kernel_size=(2, 2), strides=(2, 2), padding="VALID")``
+  computes, as one matrix product and a pixel shuffle: output pixel (2i + a, 2j + b) is
+  x[i, j] @ kernel[1 - a, 1 - b]. x (B, H, W, C), kernel (2, 2, C, O); returns
+  (B, 2H, 2W, O). XLA:CPU computes a transposed convolution's kernel gradient on a
+  slow generic path (7% of a SEAN step, measured); a matrix product's runs at speed.
+  """
+  b, h, w, _ = x.shape
+  y = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1], precision=precision)
+  return y.reshape(b, 2 * h, 2 * w, -1)
+
+
 class DecoderBlock(nnx.Module):
   """Up-conv 2x2 (stride 2), concat with the skip, ConvBlock; 2D, (B, H, W, C).
 
@@ -131,14 +168,16 @@ class DecoderBlock(nnx.Module):
   """
 
   def __init__(self, in_features: int, skip_features: int, out_features: int, *,
-               dtype=None, rngs: nnx.Rngs):
+               conv: str = "auto", dtype=None, rngs: nnx.Rngs):
     self.up = nnx.ConvTranspose(in_features, out_features, (2, 2), strides=(2, 2),
                                 padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
     self.block = ConvBlock(out_features + skip_features, out_features, spatial_dims=2,
-                           dtype=dtype, rngs=rngs)
+                           conv=conv, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    return self.block(jnp.concatenate([self.up(x), skip], axis=-1))
+    x, kernel = self.up.promote_dtype((x, self.up.kernel[...]), dtype=self.up.dtype)
+    up = upsample_conv(x, kernel, self.up.precision)
+    return self.block(jnp.concatenate([up, skip], axis=-1))
 
 
 class Decoder(nnx.Module):
@@ -149,12 +188,12 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, bottleneck_features: int, width: int, num_classes: int = 2, *,
-               dtype=None, rngs: nnx.Rngs):
+               conv: str = "auto", dtype=None, rngs: nnx.Rngs):
     features = [width * 2**k for k in range(NUM_LEVELS)]
     ins = [bottleneck_features] + features[NUM_LEVELS - 2:0:-1]
     outs = features[NUM_LEVELS - 2::-1]
     self.blocks = nnx.List([
-        DecoderBlock(cin, cout, cout, dtype=dtype, rngs=rngs)
+        DecoderBlock(cin, cout, cout, conv=conv, dtype=dtype, rngs=rngs)
         for cin, cout in zip(ins, outs)])
     # The head starts at the class prior (as in RetinaNet): from an even 50/50 start
     # Adam spends hundreds of steps learning that almost every pixel is background
