@@ -391,3 +391,14 @@ def test_upsample_conv_equals_flax_conv_transpose():
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+  from sean_jax.models import unet
+  x = jax.random.normal(jax.random.key(8), (2, 3, 8, 6, 4))
+  cotangent = jax.random.normal(jax.random.key(9), (2, 3, 4, 3, 4))
+  flax_pool = lambda x: nnx.max_pool(x, (1, 2, 2), strides=(1, 2, 2))
+  y, vjp = jax.vjp(unet.max_pool_2x2, x)
+  y_ref, vjp_ref = jax.vjp(flax_pool, x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(cotangent)[0], vjp_ref(cotangent)[0])
