@@ -142,6 +142,13 @@ def make_runner(impl: str, model: str, shape: dict):
   return run, compiled
 
 
+def step_flops(model: str, shape: dict) -> float:
+  """XLA's FLOP count of the float32 step with its own convolutions (the same work for
+  every implementation; XLA does not count the FLOPs of oneDNN's custom calls)."""
+  step, state, inputs, _ = jax_step(model, shape, "native", abstract=True)
+  return xla_numbers(step.lower(state, *inputs).compile())["flops"]
+
+
 def xla_numbers(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -188,8 +195,7 @@ def bench(model: str, shape_name: str, repeats: int, impls, memory: bool) -> dic
     runners[impl], compiled[impl] = make_runner(impl, model, shape)
   losses_first = {impl: run() for impl, run in runners.items()}
   seconds = common.interleaved_medians(runners, repeats=repeats, warmup=1)
-  # XLA's count of the float32 step (the same work for every implementation).
-  flops = xla_numbers(compiled.get("jax") or make_runner("jax", model, shape)[1])["flops"]
+  flops = step_flops(model, shape)
   result = {
       "model": model, "shape": shape, "gflop": flops / 1e9,
       "first_loss": losses_first,
@@ -216,7 +222,8 @@ def bench(model: str, shape_name: str, repeats: int, impls, memory: bool) -> dic
   return result
 
 
-def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32) -> dict:
+def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32,
+               native: bool = True) -> dict:
   """Where a 3x3x3 convolution's time goes: forward, input gradient (dx) and kernel
   gradient (dk) of one encoder-like layer: XLA native, fold, oneDNN through the FFI (where
   installed) and PyTorch (oneDNN, eager)."""
@@ -232,6 +239,8 @@ def conv_parts(repeats: int, batch=2, depth=3, size=256, channels=32) -> dict:
       "native": lambda x, k: jax.lax.conv_general_dilated(
           x, k, (1, 1, 1), [(1, 1)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
       "fold": lambda x, k: unet.depth_folded_conv(x, k)}
+  if not native:
+    del impls["native"]
   if onednn.available():
     impls["onednn"] = onednn.conv
   fns = {}
@@ -272,7 +281,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="SEAN only; jax, jax_fold and torch; 10 repeats; no memory "
-                      "subprocesses (under 3 minutes on 2 cores)")
+                      "subprocesses and no XLA-native conv parts (under 3 minutes "
+                      "on 2 cores)")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--shapes", default="main,small")
   parser.add_argument("--models", default=None, help=f"default {','.join(MODELS)}")
@@ -298,7 +308,7 @@ def main(argv=None):
   ceiling = common.matmul_gflops(1024 if args.quick else 2048, repeats=10)
   print(f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s ({info['machine']}, "
         f"{info['cpu_count']} cores, {info['jax_backend']})")
-  parts = conv_parts(repeats)
+  parts = conv_parts(repeats, native=not args.quick)
   results = {f"{m}_{s}": bench(m, s, repeats, impls, memory=not args.quick)
              for s in shapes for m in args.models.split(",")}
   main_key = f"sean_{shapes[0]}" if f"sean_{shapes[0]}" in results else next(iter(results))

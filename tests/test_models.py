@@ -402,3 +402,15 @@ def test_max_pool_2x2_equals_flax_max_pool():
   y_ref, vjp_ref = jax.vjp(flax_pool, x)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(vjp(cotangent)[0], vjp_ref(cotangent)[0])
+
+
+def test_conv_auto_falls_back_to_xla_without_onednn(monkeypatch):
+  from sean_jax.models import unet
+  from sean_jax.ops import onednn
+  monkeypatch.setattr(onednn, "_load", lambda: (None, "no compiler"))
+  assert unet.resolve_conv("auto") == "fold"
+  with pytest.raises(ValueError, match="no compiler"):
+    unet.resolve_conv("onednn")
+  with pytest.raises(ValueError, match="float32"):
+    unet.resolve_conv("onednn", jnp.bfloat16)
+  assert unet.resolve_conv("auto", jnp.bfloat16) == "fold"
