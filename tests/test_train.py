@@ -207,3 +207,13 @@ def test_missing_aisd_tells_how_to_build_it(tmp_path):
                              f"--config.data.aisd_data_dir={tmp_path / 'nothing'}"))
   assert result.returncode != 0
   assert "python -m tfds_aisd" in result.stderr.strip().splitlines()[-1]
+
+
+def test_configs_written_before_model_conv_still_load():
+  """Workdirs from before model.conv have model.conv3d (auto | fold | native)."""
+  from sean_jax import checkpointing, config as config_lib
+  c = config_lib.get_config("sean")
+  with c.unlocked():
+    del c.model["conv"]
+    c.model.conv3d = "native"
+  assert checkpointing.model_options(c).conv == "native"
