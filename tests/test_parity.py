@@ -468,13 +468,17 @@ def test_symmetry_attention_gradients(parity, rng, use_self, use_symmetry):
       ref.SymmetryAttention(8, (3, 2), use_self, use_symmetry), rng)
 
   def loss_fn(model, x):
-    return jnp.sum(model(x) * jnp.asarray(w))
+    y = model(x)
+    return jnp.sum(y * jnp.asarray(w)), y
 
-  (value, (grads, dx)) = nnx.value_and_grad(loss_fn, argnums=(0, 1))(jm, jnp.asarray(x))
+  (_, y), (grads, dx) = nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      jm, jnp.asarray(x))
   x_t = to_torch(x).requires_grad_(True)
-  want = (tm(x_t) * to_torch(w)).sum()
-  want.backward()
-  parity.max_rel("attention", value, want, LOSS_RTOL, kind="loss")
+  y_t = tm(x_t)
+  (y_t * to_torch(w)).sum().backward()
+  # The outputs, not the loss: <w, y> of random w cancels, and its float32 rounding
+  # reached 8e-5 of the sum for some seeds (the outputs agreed to 1e-6).
+  parity.max_rel("attention", y, to_channel_last(y_t), LOSS_RTOL)
   parity.l2_rel("input", dx, to_channel_last(x_t.grad))
   check_grads(parity, jm, tm, grads)
 
