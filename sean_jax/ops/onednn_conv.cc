@@ -11,7 +11,6 @@
 // dnnl_types.h and are checked at run time by the tests (results against lax).
 
 #include <cstdint>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -222,9 +221,10 @@ Conv Build(const Geometry& g) {
           "convolution_backward_weights");
   }
   dnnl_primitive_attr_destroy(attr);
+  if (pd != fwd) dnnl_primitive_desc_destroy(fwd);  // only a hint for the backward pd
   Conv conv;
   Check(dnnl_primitive_create(&conv.primitive, pd), "primitive_create");
-  // The primitive descriptors stay alive: kernel_md and scratchpad_md point into them.
+  // pd stays alive: kernel_md and scratchpad_md point into it.
   conv.kernel_md = dnnl_primitive_desc_query_md(
       pd, g.kind == kBackwardWeights ? kQueryDiffWeightsMd : kQueryWeightsMd, 0);
   conv.scratchpad_md = dnnl_primitive_desc_query_md(pd, kQueryScratchpadMd, 0);
