@@ -376,12 +376,13 @@ def main(argv=None):
         f"(target <= 2), {stn_shift.mean():.2f} px (target <= 3)", flush=True)
   if args.quick and not args.write:
     return result
-  row = (f"| {info['date']} | alignment | {info['machine']} ({info['cpu_count']} cores, "
-         f"{info['jax_backend']}) | jax {info['jax']}, flax {info.get('flax')}, antspyx "
-         f"{reg['ants']} | {n} phantom cases {num_slices}x{height}x{width}: net "
-         f"{stn_s * 1e3:.0f} ms/case, ANTs Rigid to mirror {reg_s:.1f} s/case, "
-         f"{speedup:.0f}x; error net {stn_rot.mean():.2f} deg / {stn_shift.mean():.2f} px, "
-         f"ANTs {reg_rot.mean():.2f} deg / {reg_shift.mean():.2f} px |")
+  row = common.results_row(
+      info, "alignment",
+      f"{n} phantom cases {num_slices}x{height}x{width}: net "
+      f"{stn_s * 1e3:.0f} ms/case, ANTs Rigid to mirror {reg_s:.1f} s/case, "
+      f"{speedup:.0f}x; error net {stn_rot.mean():.2f} deg / {stn_shift.mean():.2f} px, "
+      f"ANTs {reg_rot.mean():.2f} deg / {reg_shift.mean():.2f} px",
+      versions=f"jax {info['jax']}, flax {info.get('flax')}, antspyx {reg['ants']}")
   path = common.write_results("alignment", result, row)
   print(f"wrote {path}")
   return result

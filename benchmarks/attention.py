@@ -134,12 +134,12 @@ def main(argv=None):
       "machine": info,
   }
   print(f"paper shape: ours at {fraction:.0%} of the matmul ceiling")
-  row = (f"| {info['date']} | attention | {info['machine']} ({info['cpu_count']} cores,"
-         f" {info['jax_backend']}) | jax {info['jax']}, flax {info.get('flax')}, torch "
-         f"{info.get('torch')} | paper shape: ours {paper['ms']['ours']:.0f} ms, naive "
-         f"{paper['ms']['naive']:.0f} ms, torch {paper['ms']['torch']:.0f} ms; "
-         f"{paper['speedup_vs_naive']:.2f}x vs naive, {paper['speedup_vs_torch']:.2f}x vs"
-         f" torch, {fraction:.0%} of {ceiling:.0f} GFLOP/s matmul |")
+  row = common.results_row(
+      info, "attention",
+      f"paper shape: ours {paper['ms']['ours']:.0f} ms, naive "
+      f"{paper['ms']['naive']:.0f} ms, torch {paper['ms']['torch']:.0f} ms; "
+      f"{paper['speedup_vs_naive']:.2f}x vs naive, {paper['speedup_vs_torch']:.2f}x vs"
+      f" torch, {fraction:.0%} of {ceiling:.0f} GFLOP/s matmul")
   path = common.write_results("attention", summary, row)
   print(f"wrote {path}")
 

@@ -84,6 +84,18 @@ def machine_info() -> dict:
   return info
 
 
+def results_row(info: dict, benchmark: str, result: str, *,
+                versions: str | None = None, setting: str | None = None) -> str:
+  """One RESULTS.md row, | date | benchmark | machine (setting) | versions | result |,
+  from ``machine_info()``; setting defaults to cores and backend, versions to jax, flax
+  and torch."""
+  setting = setting or f"{info['cpu_count']} cores, {info['jax_backend']}"
+  versions = versions or (f"jax {info['jax']}, flax {info.get('flax')}, torch "
+                          f"{info.get('torch')}")
+  return (f"| {info['date']} | {benchmark} | {info['machine']} ({setting}) | {versions}"
+          f" | {result} |")
+
+
 def write_results(name: str, result: dict, markdown_row: str) -> Path:
   """Writes results/<name>.json (atomically) and appends a row to RESULTS.md."""
   RESULTS_DIR.mkdir(exist_ok=True)

@@ -73,13 +73,15 @@ def main(argv=None):
                                           + 8 * results["float32"]["bytes_per_sample"])
              / 2**30, **results, "machine": info}
   f32, b16 = results["float32"], results["bfloat16"]
-  row = (f"| {info['date']} | memory | {info['machine']} ({info['jax_backend']} compiler"
-         f") | jax {info['jax']} | SEAN 512², w=64, per device: float32 "
-         f"{f32['bytes_per_sample'] / 2**30:.2f} GiB/sample + "
-         f"{f32['constant_bytes'] / 2**30:.2f} GiB, batch 8 = "
-         f"{summary['paper_batch8_float32_gib']:.1f} GiB, largest in "
-         f"{args.budget_gib:.0f} GiB {f32['largest_batch_per_device']}; bfloat16 largest "
-         f"{b16['largest_batch_per_device']} |")
+  row = common.results_row(
+      info, "memory",
+      f"SEAN 512², w=64, per device: float32 "
+      f"{f32['bytes_per_sample'] / 2**30:.2f} GiB/sample + "
+      f"{f32['constant_bytes'] / 2**30:.2f} GiB, batch 8 = "
+      f"{summary['paper_batch8_float32_gib']:.1f} GiB, largest in "
+      f"{args.budget_gib:.0f} GiB {f32['largest_batch_per_device']}; bfloat16 largest "
+      f"{b16['largest_batch_per_device']}",
+      setting=f"{info['jax_backend']} compiler", versions=f"jax {info['jax']}")
   path = common.write_results("memory", summary, row)
   print(f"wrote {path}")
 

@@ -334,14 +334,13 @@ def main(argv=None):
   print(json.dumps({k: v for k, v in summary.items()
                     if k not in ("results", "machine")}, indent=1))
   ms = head["ms"]
-  row = (f"| {info['date']} | train_step | {info['machine']} ({info['cpu_count']} cores,"
-         f" {info['jax_backend']}) | jax {info['jax']}, flax {info.get('flax')}, torch "
-         f"{info.get('torch')} | {main_key}: " + ", ".join(
-             f"{k} {v:.0f} ms" for k, v in ms.items())
-         + (f"; {summary['speedup_vs_torch']:.2f}x torch" if summary["speedup_vs_torch"]
-            else "")
-         + f"; jax at {summary['fraction_of_matmul_peak']:.0%} of {ceiling:.0f} GFLOP/s"
-         " matmul |")
+  row = common.results_row(
+      info, "train_step",
+      f"{main_key}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
+      + (f"; {summary['speedup_vs_torch']:.2f}x torch" if summary["speedup_vs_torch"]
+         else "")
+      + f"; jax at {summary['fraction_of_matmul_peak']:.0%} of {ceiling:.0f} GFLOP/s"
+      " matmul")
   path = common.write_results("train_step", summary, row)
   print(f"wrote {path}")
 

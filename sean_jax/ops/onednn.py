@@ -4,8 +4,8 @@ zero padding).
 XLA's CPU convolutions ran the encoder's shapes at 25-110 GFLOP/s where PyTorch's
 oneDNN ran them at 70-250 (docs/performance.md). ``conv`` computes the forward pass
 and both gradients with oneDNN through XLA's FFI, as custom calls inside the jitted
-step. It needs the ``onednn-cpu-gomp`` wheel (the ``onednn`` extra) and a C++ compiler:
-the kernel (onednn_conv.cc) is compiled once per source version into
+step. It needs the ``onednn-cpu-gomp`` wheel (a dependency on Linux x86-64) and a C++
+compiler: the kernel (onednn_conv.cc) is compiled once per source version into
 ``$SEAN_JAX_CACHE`` (default ``~/.cache/sean_jax``). ``available()`` says whether that
 worked and ``unavailable_reason()`` why not; the model then uses XLA's convolutions.
 """
