@@ -176,8 +176,8 @@ def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
       slice_weights = jnp.ones(volume.shape[:1])
     volume, alpha = _align(model.aligner, volume, jnp.asarray(slice_weights))
   slabs = volume_to_slabs(volume, model.options.slab_slices)
-  probs = jnp.concatenate([_lesion_probability(model.segmenter,
-                                               slabs[start:start + batch_size])
+  probs = jnp.concatenate([_jit_lesion_probability(model.segmenter,
+                                                   slabs[start:start + batch_size])
                            for start in range(0, slabs.shape[0], batch_size)])
   if model.aligner is not None:
     probs = alignment.unalign_volume(probs, alpha)
@@ -189,7 +189,11 @@ def _align(aligner, volume, slice_weights):
   return alignment.align_volume(aligner, volume, slice_weights)
 
 
-@nnx.jit
-def _lesion_probability(segmenter, slabs):
+def lesion_probability(segmenter: SegmentationNet, slabs: jax.Array) -> jax.Array:
+  """The prediction step: slabs (B, D, H, W, 1) -> lesion probability (B, H, W),
+  float32. Put the segmenter in eval mode first."""
   logits = segmenter(slabs)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+
+
+_jit_lesion_probability = nnx.jit(lesion_probability)
