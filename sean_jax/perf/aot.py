@@ -22,6 +22,8 @@ when ``--batch`` was given and does not fit a target's device.
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,22 @@ def xla_flops(compiled) -> float | None:
   return float(cost["flops"])
 
 
+def program_summary(compiled) -> dict:
+  """What the compiler made of the step: custom calls (cuDNN convolutions, the oneDNN
+  FFI), fusion kinds (Triton GEMMs on GPU) and the layouts of cuDNN's convolutions
+  ("dim_labels layout": bf012 with {4,3,2,1,0} is channels-first in memory)."""
+  text = compiled.as_text()
+  layouts = re.findall(r'\{([0-9,]+)\}, u8\[[0-9]+\]\{0\}\) custom-call\([^)]*\), '
+                       r'window=\{[^}]*\}, dim_labels=([^,]+), custom_call_target="__cudnn',
+                       text)
+  return {"custom_calls": dict(collections.Counter(
+              re.findall(r'custom_call_target="([^"]+)"', text))),
+          "fusion_kinds": dict(collections.Counter(
+              re.findall(r'"kind":"([^"]+)"', text))),
+          "cudnn_conv_layouts": dict(collections.Counter(
+              f"{labels} {{{layout}}}" for layout, labels in layouts))}
+
+
 def compile_step(kind: str, config, mesh, target) -> tuple[object, dict]:
   """Compiles the "train" or "predict" step; returns (compiled, measurements)."""
   build = steps.train_step if kind == "train" else steps.predict_step
@@ -75,7 +93,8 @@ def compile_step(kind: str, config, mesh, target) -> tuple[object, dict]:
   targets.check_program(compiled, target)
   return compiled, {"lower_s": lowered_at - start, "compile_s": done - lowered_at,
                     "memory_per_device_bytes": memory_per_device(compiled),
-                    "xla_flops_per_device": xla_flops(compiled)}
+                    "xla_flops_per_device": xla_flops(compiled),
+                    "program": program_summary(compiled)}
 
 
 def largest_batch(per_device_bytes, budget: int, known: dict[int, int],

@@ -83,7 +83,7 @@ def network_ops(options: ModelOptions, batch: int, size: int) -> list[Op]:
   channels = widths[-1]
   h = size // 2**(unet.NUM_LEVELS - 1)
   if o.fusion == "attention":
-    ops += _attention_ops(o, batch, depth, h, channels)
+    ops += attention_ops(o, batch, depth, h, channels)
   fused = 2 * channels if o.fusion in ("feature_l1", "feature_concat") else channels
   ins = [fused] + widths[unet.NUM_LEVELS - 2:0:-1]
   outs = widths[unet.NUM_LEVELS - 2::-1]
@@ -96,7 +96,8 @@ def network_ops(options: ModelOptions, batch: int, size: int) -> list[Op]:
   return ops
 
 
-def _attention_ops(o: ModelOptions, batch, depth, h, channels) -> list[Op]:
+def attention_ops(o: ModelOptions, batch, depth, h, channels) -> list[Op]:
+  """The attention's products on a (batch, depth, h, h, channels) bottleneck."""
   d = channels // 2
   names = [n for n, on in (("self", o.attention_self),
                            ("symmetry", o.attention_symmetry)) if on]

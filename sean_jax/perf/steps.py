@@ -38,7 +38,22 @@ def step_config(*, variant: str = "sean", batch_size: int = 8, image_size: int =
   config.model.partitions = tuple(partitions)
   config.model.conv = conv
   config.half_precision = half_precision
+  check_shape(config)
   return config
+
+
+def check_shape(config) -> None:
+  """One-line errors for a batch, image size or partitioning the model cannot take."""
+  options = checkpointing.model_options(config)  # validates the model fields
+  size, batch = config.data.image_size, config.batch_size
+  if batch < 1:
+    raise ValueError(f"batch size must be positive, got {batch}")
+  if size < 16 or size % 16:
+    raise ValueError(f"image size {size} must divide by 16 (four in-plane poolings)")
+  p, q = options.partitions
+  if options.fusion == "attention" and ((size // 16) % p or (size // 16) % q):
+    raise ValueError(f"the {size // 16}x{size // 16} bottleneck of a {size}x{size} "
+                     f"image does not divide into {p}x{q} attention partitions")
 
 
 def data_mesh(devices) -> Mesh:
