@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import sys
 import time
@@ -161,10 +162,10 @@ def run_target(target, devices, *, dtypes, batch: int, shape: dict,
       if kind == "train" and fit_search:
         known = {batch // n: total}
         result["largest_per_device_batch"] = largest_batch(
-            lambda b, d=dtype: compile_step("train", config_for(b * n, d), mesh,
-                                            target)[1]["memory_per_device_bytes"]["total"],
+            lambda b, d=dtype: _bytes_or_inf(config_for(b * n, d), mesh, target),
             target.budget_bytes, known)
-        result["fit_search_bytes"] = {str(b): m for b, m in sorted(known.items())}
+        result["fit_search_bytes"] = {str(b): m if m != float("inf") else None
+                                      for b, m in sorted(known.items())}
       entry["steps"][f"{kind}_{dtype}"] = result
       _print_step(target, kind, dtype, result)
   first = entry["steps"][f"train_{dtypes[0]}"]
@@ -172,6 +173,18 @@ def run_target(target, devices, *, dtypes, batch: int, shape: dict,
   entry["memory_per_device_bytes"] = first["memory_per_device_bytes"]
   entry["fits"] = first["fits"]
   return entry
+
+
+def _bytes_or_inf(config, mesh, target) -> float:
+  """Per-device bytes of the training step, or infinity where the compiler itself
+  refuses it for lack of memory (the TPU compiler checks HBM)."""
+  try:
+    return compile_step("train", config, mesh, target)[1]["memory_per_device_bytes"][
+        "total"]
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
+      return float("inf")
+    raise
 
 
 def _print_step(target, kind, dtype, r):
@@ -205,6 +218,20 @@ def _row(info, result) -> str:
       f"SEAN {shape['image_size']}², w={shape['width']}, global batch "
       f"{result['global_batch']}, float32 train step: " + "; ".join(parts),
       setting="compile only", versions=f"jax {info['jax']}")
+
+
+def _merged(result: dict, path: Path) -> dict:
+  """``result`` plus the targets of an earlier aot.json of the same shape and batch
+  that this run did not compile (targets may need different installs, so they may
+  be compiled by separate runs)."""
+  try:
+    earlier = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return result
+  if (earlier.get("shape") != json.loads(json.dumps(result["shape"]))
+      or earlier.get("global_batch") != result["global_batch"]):
+    return result
+  return {**result, "targets": {**earlier.get("targets", {}), **result["targets"]}}
 
 
 def main(argv=None) -> int:
@@ -256,14 +283,18 @@ def main(argv=None) -> int:
       errors.append(f"{target.name}: {message}")
       print(f"{target.name:10s} NOT COMPILED: {message}", flush=True)
     else:
+      entry.update(date=info["date"], jax=info["jax"])
       if args.batch is not None and not entry["fits"]:
         errors.append(
             f"{target.name}: global batch {batch} ({entry['per_device_batch']} per "
             f"device) needs {entry['memory_per_device_bytes']['total'] / GIB:.1f} GiB "
             f"per device, more than the {target.budget_bytes / GIB:.1f} GiB usable")
     result["targets"][target.name] = entry
+    if not args.no_record:
+      path = measure.write_json("aot", _merged(result, args.results_dir / "aot.json"),
+                                args.results_dir)
   if not args.no_record:
-    path = measure.write_results("aot", result, _row(info, result), args.results_dir)
+    measure.append_row(_row(info, result), args.results_dir)
     print(f"wrote {path}")
   for line in errors:
     print(f"sean_jax.aot: {line}", file=sys.stderr)

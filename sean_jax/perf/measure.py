@@ -121,17 +121,20 @@ def results_row(info: dict, benchmark: str, result: str, *,
           f" | {result} |")
 
 
-def write_results(name: str, result: dict, markdown_row: str,
-                  results_dir: Path = RESULTS_DIR) -> Path:
-  """Writes <results_dir>/<name>.json (atomically) and appends a row to the
-  RESULTS.md beside that folder."""
+def write_json(name: str, result: dict, results_dir: Path = RESULTS_DIR) -> Path:
+  """Writes <results_dir>/<name>.json atomically (whole or absent)."""
   results_dir = Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
-  results_md = results_dir.parent / "RESULTS.md"
   path = results_dir / f"{name}.json"
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(result, indent=2, default=_to_json) + "\n")
   os.replace(tmp, path)
+  return path
+
+
+def append_row(markdown_row: str, results_dir: Path = RESULTS_DIR) -> None:
+  """Appends a row to the RESULTS.md beside ``results_dir`` (made if missing)."""
+  results_md = Path(results_dir).parent / "RESULTS.md"
   if not results_md.exists():
     results_md.write_text("# Benchmark results\n\nOne dated row per run; the JSON of "
                           "the latest run of each benchmark is in `results/`.\n\n"
@@ -139,6 +142,14 @@ def write_results(name: str, result: dict, markdown_row: str,
                           "| --- | --- | --- | --- | --- |\n")
   with open(results_md, "a") as f:
     f.write(markdown_row.rstrip("\n") + "\n")
+
+
+def write_results(name: str, result: dict, markdown_row: str,
+                  results_dir: Path = RESULTS_DIR) -> Path:
+  """Writes <results_dir>/<name>.json and appends a row to the RESULTS.md beside
+  that folder."""
+  path = write_json(name, result, results_dir)
+  append_row(markdown_row, results_dir)
   return path
 
 
