@@ -62,27 +62,38 @@ def _config(preset: dict, devices, dtype: str, conv: str = "auto"):
                            **_shape(preset))
 
 
-def fits_memory(preset: dict, devices, dtype: str) -> tuple[bool, int, int | None]:
-  """(fits, bytes per device, device limit) of the compiled step, before running it."""
+def compile_train_step(preset: dict, devices, dtype: str):
+  """(config, compiled step, compile seconds, per-device bytes); nothing allocated."""
   config = _config(preset, devices, dtype)
   fn, args = steps.train_step(config, steps.data_mesh(devices))
-  need = aot.memory_per_device(fn.trace(*args).lower().compile())["total"]
-  stats = devices[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
-  return (limit is None or need <= limit), need, limit
-
-
-def time_train_step(preset: dict, devices, dtype: str, repeats: int) -> dict:
-  """Compiles and times the training step on ``devices``."""
-  config = _config(preset, devices, dtype)
-  fn, (state, batch) = steps.train_step(config, steps.data_mesh(devices), concrete=True)
   start = time.perf_counter()
-  compiled = fn.trace(state, batch).lower().compile()
-  compile_s = time.perf_counter() - start
+  compiled = fn.trace(*args).lower().compile()
+  return (config, compiled, time.perf_counter() - start,
+          aot.memory_per_device(compiled)["total"])
+
+
+def fitting_step(preset: dict, devices, dtype: str):
+  """The compiled step at the preset's per-device batch, halved (in ``preset``) until
+  XLA's memory assignment fits the device's limit (where the device reports one)."""
+  while True:
+    compiled = compile_train_step(preset, devices, dtype)
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    if limit is None or compiled[3] <= limit or preset["per_device_batch"] == 1:
+      return compiled
+    preset["per_device_batch"] //= 2
+
+
+def time_train_step(preset: dict, devices, dtype: str, repeats: int,
+                    compiled=None) -> dict:
+  """Times the training step on ``devices`` (compiles it unless ``compiled``, from
+  :func:`compile_train_step`, is given)."""
+  config, executable, compile_s, _ = compiled or compile_train_step(preset, devices,
+                                                                    dtype)
+  _, (state, batch) = steps.train_step(config, steps.data_mesh(devices), concrete=True)
   box = [state]
 
   def run():
-    box[0], metrics = compiled(box[0], batch)
+    box[0], metrics = executable(box[0], batch)
     jax.block_until_ready(metrics["loss"])
   step_s = measure.median_seconds(run, repeats=repeats, warmup=2)
   # XLA's count is comparable only with XLA's own convolutions (the fold pads depth
@@ -90,7 +101,7 @@ def time_train_step(preset: dict, devices, dtype: str, repeats: int) -> dict:
   native = unet.resolve_conv(config.model.conv,
                              checkpointing.compute_dtype(config)) == "native"
   return {"step_ms": step_s * 1e3, "compile_s": compile_s,
-          "xla_flops": aot.xla_flops(compiled) if native else None, "config": config}
+          "xla_flops": aot.xla_flops(executable) if native else None, "config": config}
 
 
 def xla_step_flops(config) -> float:
@@ -178,9 +189,7 @@ def run(preset_name: str, dtypes, quick: bool) -> dict:
         "float32 matmul measured in this run"
   else:
     peak, peak_source = measure.peak_flops(kind), "dense bfloat16 datasheet peak"
-    while preset["per_device_batch"] > 1 and not fits_memory(preset, devices,
-                                                             dtypes[0])[0]:
-      preset["per_device_batch"] //= 2
+  first_step = fitting_step(preset, devices, dtypes[0])
   n = len(devices)
   result = {"device_kind": kind, "backend": backend, "num_devices": n,
             "preset": preset_name, "shape": {**_shape(preset), "partitions":
@@ -192,7 +201,8 @@ def run(preset_name: str, dtypes, quick: bool) -> dict:
         f"batch {result['per_device_batch']}/device; peak "
         f"{peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})", flush=True)
   for dtype in dtypes:
-    r = time_train_step(preset, devices, dtype, repeats)
+    r = time_train_step(preset, devices, dtype, repeats,
+                        first_step if dtype == dtypes[0] else None)
     config = r.pop("config")
     model = flops.step_flops(checkpointing.model_options(config), config.batch_size,
                              preset["image_size"]).train_step

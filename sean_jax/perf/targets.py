@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -101,9 +102,7 @@ def devices(target: Target) -> list:
     if not _installed("jax_plugins.xla_cuda13"):
       raise TargetUnavailable(f"needs {install}")
     try:
-      topology = topologies.get_topology_desc(
-          platform="cuda", target_config=GPU_TARGET_CONFIG.read_text(),
-          topology=target.topology)
+      topology = _gpu_topology(topologies, target.topology)
     except (NotImplementedError, RuntimeError) as error:
       raise TargetUnavailable(f"the CUDA plugin gave no compile-only "
                               f"devices ({str(error).splitlines()[0]}); was a GPU "
@@ -114,6 +113,23 @@ def devices(target: Target) -> list:
     raise TargetUnavailable(f"needs {install}")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   return list(topologies.get_topology_desc(target.topology, "tpu").devices)
+
+
+def _gpu_topology(topologies, name: str):
+  """Compile-only GPUs from GPU_TARGET_CONFIG. The config's text format changes
+  between XLA versions and the plugin's parser is strict: jax 0.10's proto has a
+  ``dnn_version_info`` (cuDNN) field, 0.11's has none (read from its proto, not yet
+  tried on 0.11), so a config it refuses is tried once more without that field."""
+  text = GPU_TARGET_CONFIG.read_text()
+  try:
+    return topologies.get_topology_desc(platform="cuda", target_config=text,
+                                        topology=name)
+  except RuntimeError as error:
+    if "parse" not in str(error).lower() or "dnn_version_info" not in text:
+      raise
+  text = re.sub(r"\ndnn_version_info \{[^}]*\}", "", text)
+  return topologies.get_topology_desc(platform="cuda", target_config=text,
+                                      topology=name)
 
 
 def _installed(module: str) -> bool:
