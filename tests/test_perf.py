@@ -109,6 +109,24 @@ def test_aot_cpu_target_writes_results(tmp_path):
   assert "| aot |" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_aot_table_of_recorded_results(tmp_path, capsys):
+  record = {"targets": {
+      "h200": {"compiled": True, "num_devices": 1, "device_kind": "NVIDIA H200",
+               "date": "2026-12-03", "budget_bytes": 2**30 * 100, "steps": {
+                   "train_float32": {"compile_s": 39.0, "largest_per_device_batch": 44,
+                                     "xla_flops_per_device": None,
+                                     "memory_per_device_bytes": {
+                                         "arguments": 2**30, "temporaries": 2**31,
+                                         "total": 3 * 2**30}}}},
+      "v5e-2x2": {"compiled": False, "error": "needs libtpu"}}}
+  (tmp_path / "aot.json").write_text(json.dumps(record))
+  assert aot.main(["--table", "--results-dir", str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert "| h200 | 1 x NVIDIA H200 | float32 | yes (2026-12-03) | 39 |" in lines[2]
+  assert "**3.00 GiB** | 100.0 GiB | 44 | - |" in lines[2]
+  assert lines[3].startswith("| v5e-2x2 | | | no: needs libtpu |")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--targets", "cpu,h100"], "unknown target 'h100'"),
     (["--dtypes", "float16"], "unknown dtype 'float16'"),

@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 
 from sean_jax import checkpointing
+from sean_jax.models import unet
 from sean_jax.perf import flops, measure, steps, targets
 
 DTYPES = ("float32", "bfloat16")
@@ -82,6 +83,14 @@ def program_summary(compiled) -> dict:
               f"{labels} {{{layout}}}" for layout, labels in layouts))}
 
 
+def native_convolutions(config) -> bool:
+  """Whether a config's step computes XLA's own convolutions: only then is XLA's FLOP
+  count comparable (the fold pads depth with zeros that it counts; oneDNN's custom
+  calls count zero)."""
+  return unet.resolve_conv(config.model.conv,
+                           checkpointing.compute_dtype(config)) == "native"
+
+
 def compile_step(kind: str, config, mesh, target) -> tuple[object, dict]:
   """Compiles the "train" or "predict" step; returns (compiled, measurements)."""
   build = steps.train_step if kind == "train" else steps.predict_step
@@ -94,7 +103,8 @@ def compile_step(kind: str, config, mesh, target) -> tuple[object, dict]:
   targets.check_program(compiled, target)
   return compiled, {"lower_s": lowered_at - start, "compile_s": done - lowered_at,
                     "memory_per_device_bytes": memory_per_device(compiled),
-                    "xla_flops_per_device": xla_flops(compiled),
+                    "xla_flops_per_device": (xla_flops(compiled) if native_convolutions(config)
+                                             else None),
                     "program": program_summary(compiled)}
 
 
@@ -201,6 +211,31 @@ def _print_step(target, kind, dtype, r):
         flush=True)
 
 
+def markdown_table(result: dict) -> str:
+  """aot.json as a Markdown table: one row per target and precision."""
+  lines = ["| target | devices | precision | compiled | compile s | memory per device "
+           "(args + temp = total) | usable | largest batch per device | XLA TFLOP "
+           "per device |", "|---" * 9 + "|"]
+  for name, entry in result["targets"].items():
+    if not entry.get("compiled"):
+      lines.append(f"| {name} | | | no: {entry.get('error')} | | | | | |")
+      continue
+    for key, r in entry["steps"].items():
+      kind, dtype = key.split("_")
+      m = r["memory_per_device_bytes"]
+      xla = r.get("xla_flops_per_device")
+      largest = r.get("largest_per_device_batch", "-" if kind == "predict" else
+                      "not searched")
+      lines.append(
+          f"| {name}{'' if kind == 'train' else ' (predict)'} | {entry['num_devices']} x "
+          f"{entry['device_kind']} | {dtype} | yes ({entry.get('date', '')}) | "
+          f"{r['compile_s']:.0f} | {m['arguments'] / GIB:.2f} + "
+          f"{m['temporaries'] / GIB:.2f} = **{m['total'] / GIB:.2f} GiB** | "
+          f"{entry['budget_bytes'] / GIB:.1f} GiB | {largest} | "
+          + (f"{xla / 1e12:.2f} |" if xla else "- |"))
+  return "\n".join(lines)
+
+
 def _row(info, result) -> str:
   parts = []
   for name, entry in result["targets"].items():
@@ -249,7 +284,12 @@ def main(argv=None) -> int:
   parser.add_argument("--results-dir", type=Path, default=measure.RESULTS_DIR)
   parser.add_argument("--no-record", action="store_true",
                       help="print only; write no aot.json or RESULTS.md row")
+  parser.add_argument("--table", action="store_true",
+                      help="print the recorded aot.json as a Markdown table and exit")
   args = parser.parse_args(argv)
+  if args.table:
+    print(markdown_table(json.loads((args.results_dir / "aot.json").read_text())))
+    return 0
   targets.prepare()
   try:
     chosen = [targets.get(name) for name in args.targets.split(",")]

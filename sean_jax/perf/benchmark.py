@@ -40,7 +40,6 @@ from flax import nnx
 from sean_jax import checkpointing
 from sean_jax.data import pipeline, sources
 from sean_jax.models.attention import SymmetryAttention
-from sean_jax.models import unet
 from sean_jax.models.sean import ModelOptions
 from sean_jax.perf import aot, flops, measure, steps
 
@@ -96,12 +95,9 @@ def time_train_step(preset: dict, devices, dtype: str, repeats: int,
     box[0], metrics = executable(box[0], batch)
     jax.block_until_ready(metrics["loss"])
   step_s = measure.median_seconds(run, repeats=repeats, warmup=2)
-  # XLA's count is comparable only with XLA's own convolutions (the fold pads depth
-  # with zeros that it counts; oneDNN's custom calls count zero).
-  native = unet.resolve_conv(config.model.conv,
-                             checkpointing.compute_dtype(config)) == "native"
   return {"step_ms": step_s * 1e3, "compile_s": compile_s,
-          "xla_flops": aot.xla_flops(executable) if native else None, "config": config}
+          "xla_flops": (aot.xla_flops(executable) if aot.native_convolutions(config)
+                        else None), "config": config}
 
 
 def xla_step_flops(config) -> float:
