@@ -174,6 +174,25 @@ def pipeline_rate(preset: dict, global_batch: int, quick: bool) -> dict:
           "cases": len(source), "slices": config.data.phantom_slices}
 
 
+def measure_precision(preset: dict, devices, dtype: str, repeats: int, peak,
+                      compiled=None) -> dict:
+  """The step in one precision: time, slabs/s, model and XLA FLOPs, MFU, attention."""
+  r = time_train_step(preset, devices, dtype, repeats, compiled)
+  config = r.pop("config")
+  n = len(devices)
+  model = flops.step_flops(checkpointing.model_options(config), config.batch_size,
+                           preset["image_size"]).train_step
+  xla = r["xla_flops"] * n if r["xla_flops"] else xla_step_flops(config)
+  per_device = model / n / (r["step_ms"] / 1e3)
+  r.update(model_tflop_per_step=model / 1e12,
+           xla_tflop_per_step=xla / 1e12 if xla else None,
+           slabs_per_s_per_device=preset["per_device_batch"] / (r["step_ms"] / 1e3),
+           model_tflop_per_s_per_device=per_device / 1e12,
+           mfu=per_device / peak if peak else None,
+           attention=time_attention(preset, dtype, repeats))
+  return r
+
+
 def run(preset_name: str, dtypes, quick: bool) -> dict:
   devices = jax.local_devices()
   kind = devices[0].device_kind
@@ -197,19 +216,8 @@ def run(preset_name: str, dtypes, quick: bool) -> dict:
         f"batch {result['per_device_batch']}/device; peak "
         f"{peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})", flush=True)
   for dtype in dtypes:
-    r = time_train_step(preset, devices, dtype, repeats,
-                        first_step if dtype == dtypes[0] else None)
-    config = r.pop("config")
-    model = flops.step_flops(checkpointing.model_options(config), config.batch_size,
-                             preset["image_size"]).train_step
-    xla = r["xla_flops"] * n if r["xla_flops"] else xla_step_flops(config)
-    per_device = model / n / (r["step_ms"] / 1e3)
-    r.update(model_tflop_per_step=model / 1e12,
-             xla_tflop_per_step=xla / 1e12 if xla else None,
-             slabs_per_s_per_device=preset["per_device_batch"] / (r["step_ms"] / 1e3),
-             model_tflop_per_s_per_device=per_device / 1e12,
-             mfu=per_device / peak if peak else None,
-             attention=time_attention(preset, dtype, repeats))
+    r = measure_precision(preset, devices, dtype, repeats, peak,
+                          first_step if dtype == dtypes[0] else None)
     result["dtypes"][dtype] = r
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (unknown peak)"
     print(f"  {dtype:8s} step {r['step_ms']:8.1f} ms (compile {r['compile_s']:.1f} s), "
