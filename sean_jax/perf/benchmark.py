@@ -274,7 +274,8 @@ def main(argv=None) -> int:
             + (f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a")
             for d, r in result["dtypes"].items())
         + f"; pipeline {result['pipeline']['warm_batches_per_s']:.0f} batches/s",
-        setting=f"{info['cpu_count']} cores, {result['backend']}")
+        setting=f"{info['cpu_count']} cores, {result['backend']}",
+        versions=f"jax {info['jax']}, flax {info.get('flax')}")
     path = measure.write_results("benchmark", result, row, args.results_dir)
     print(f"wrote {path}")
   return 0
