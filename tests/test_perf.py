@@ -23,11 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=32, width=4, partitions=(2, 2))
 
 
-def _xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
 def test_valid_taps_by_hand():
   # 3 taps with padding 1 on 5 voxels: 5 + 4 + 4 = 13 = 3n - 2; a 1x1 kernel: n.
   assert flops.valid_taps(5, 3) == 13
@@ -50,7 +45,7 @@ def test_attention_flops_equal_xla_dot_count():
     loss = lambda p, v: jnp.sum(nnx.merge(graphdef, p)(v) * weights)
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
-  xla = _xla_flops(jax.jit(step).lower(params, x).compile())
+  xla = aot.xla_flops(jax.jit(step).lower(params, x).compile())
   options = ModelOptions(width=channels // 16, partitions=parts)
   model = 3 * sum(op.flops for op in flops.attention_ops(options, batch, depth, size,
                                                           channels))
@@ -66,7 +61,7 @@ def test_step_flops_against_xla_cost_analysis():
   config = steps.step_config(variant="sean", batch_size=2, image_size=64, width=8,
                              partitions=(2, 2), conv="native")
   fn, args = steps.train_step(config, steps.data_mesh(jax.devices()[:1]))
-  xla = _xla_flops(fn.trace(*args).lower().compile())
+  xla = aot.xla_flops(fn.trace(*args).lower().compile())
   from sean_jax import checkpointing
   model = flops.step_flops(checkpointing.model_options(config), 2, 64)
   assert 0.95 * xla <= model.train_step <= xla, (model.train_step, xla)

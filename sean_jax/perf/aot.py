@@ -53,11 +53,11 @@ def memory_per_device(compiled) -> dict:
           "temporaries": int(m.temp_size_in_bytes), "total": int(total)}
 
 
-def xla_flops(compiled) -> float | None:
+def xla_flops(compiled, text: str | None = None) -> float | None:
   """XLA's FLOP count of a compiled program (per device), or None where its cost
   analysis is not available (XLA:GPU compile-only) or misses work (custom calls,
-  which it counts as zero)."""
-  text = compiled.as_text()
+  which it counts as zero). ``text``: ``compiled.as_text()`` if already made."""
+  text = compiled.as_text() if text is None else text
   if any(f'"{name}' in text for name in targets.CPU_ONLY_CUSTOM_CALLS):
     return None
   cost = compiled.cost_analysis()
@@ -67,11 +67,11 @@ def xla_flops(compiled) -> float | None:
   return float(cost["flops"])
 
 
-def program_summary(compiled) -> dict:
-  """What the compiler made of the step: custom calls (cuDNN convolutions, the oneDNN
-  FFI), fusion kinds (Triton GEMMs on GPU) and the layouts of cuDNN's convolutions
-  ("dim_labels layout": bf012 with {4,3,2,1,0} is channels-first in memory)."""
-  text = compiled.as_text()
+def program_summary(text: str) -> dict:
+  """What the compiler made of the step, from its optimised HLO text: custom calls
+  (cuDNN convolutions, the oneDNN FFI), fusion kinds (Triton GEMMs on GPU) and the
+  layouts of cuDNN's convolutions ("dim_labels layout": bf012 with {4,3,2,1,0} is
+  channels-first in memory)."""
   layouts = re.findall(r'\{([0-9,]+)\}, u8\[[0-9]+\]\{0\}\) custom-call\([^)]*\), '
                        r'window=\{[^}]*\}, dim_labels=([^,]+), custom_call_target="__cudnn',
                        text)
@@ -100,12 +100,13 @@ def compile_step(kind: str, config, mesh, target) -> tuple[object, dict]:
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
-  targets.check_program(compiled, target)
+  text = compiled.as_text()  # megabytes at the paper's size: made once
+  targets.check_program(compiled, target, text)
   return compiled, {"lower_s": lowered_at - start, "compile_s": done - lowered_at,
                     "memory_per_device_bytes": memory_per_device(compiled),
-                    "xla_flops_per_device": (xla_flops(compiled) if native_convolutions(config)
-                                             else None),
-                    "program": program_summary(compiled)}
+                    "xla_flops_per_device": (xla_flops(compiled, text)
+                                             if native_convolutions(config) else None),
+                    "program": program_summary(text)}
 
 
 def largest_batch(per_device_bytes, budget: int, known: dict[int, int],

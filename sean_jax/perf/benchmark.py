@@ -48,16 +48,16 @@ PRESETS = {
     "medium": dict(image_size=256, width=16, partitions=(4, 4), per_device_batch=2),
     "tiny": dict(image_size=32, width=4, partitions=(2, 2), per_device_batch=4),
 }
-DTYPES = ("float32", "bfloat16")
 
 
 def _shape(preset: dict) -> dict:
   return {k: v for k, v in preset.items() if k != "per_device_batch"}
 
 
-def _config(preset: dict, devices, dtype: str, conv: str = "auto"):
+def _config(preset: dict, devices, dtype: str):
+  """The step's config on ``devices``, with the convolutions ``train`` would run."""
   return steps.step_config(batch_size=preset["per_device_batch"] * len(devices),
-                           half_precision=dtype == "bfloat16", conv=conv,
+                           half_precision=dtype == "bfloat16", conv="auto",
                            **_shape(preset))
 
 
@@ -248,15 +248,15 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="default: paper on accelerators, medium on a CPU")
-  parser.add_argument("--dtypes", default=",".join(DTYPES))
+  parser.add_argument("--dtypes", default=",".join(aot.DTYPES))
   parser.add_argument("--results-dir", type=Path, default=measure.RESULTS_DIR)
   parser.add_argument("--no-record", action="store_true")
   args = parser.parse_args(argv)
   dtypes = args.dtypes.split(",")
-  bad = [d for d in dtypes if d not in DTYPES]
+  bad = [d for d in dtypes if d not in aot.DTYPES]
   if bad:
-    print(f"sean_jax.benchmark: unknown dtype {bad[0]!r}; known: {', '.join(DTYPES)}",
-          file=sys.stderr)
+    print(f"sean_jax.benchmark: unknown dtype {bad[0]!r}; known: "
+          f"{', '.join(aot.DTYPES)}", file=sys.stderr)
     return 2
   preset = args.preset or ("medium" if jax.default_backend() == "cpu" else "paper")
   info = measure.machine_info()

@@ -111,7 +111,6 @@ def devices(target: Target) -> list:
     return list(topology.devices)
   if not _installed("libtpu"):
     raise TargetUnavailable(f"needs {install}")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   return list(topologies.get_topology_desc(target.topology, "tpu").devices)
 
 
@@ -145,16 +144,17 @@ def compiled_platforms(compiled) -> set[str]:
           for d in s.device_set}
 
 
-def check_program(compiled, target: Target) -> None:
+def check_program(compiled, target: Target, text: str | None = None) -> None:
   """Asserts that ``compiled`` was built for the target's platform (calling
   ``.compile()`` on a lowering for another platform silently builds for the CPU) and
-  that no CPU-only custom call reached an accelerator program."""
+  that no CPU-only custom call reached an accelerator program. ``text``:
+  ``compiled.as_text()`` if already made."""
   platforms = compiled_platforms(compiled)
   if platforms != {target.platform}:
     raise AssertionError(f"{target.name}: compiled for {sorted(platforms)}, expected "
                          f"{target.platform}")
   if target.platform != "cpu":
-    text = compiled.as_text()
+    text = compiled.as_text() if text is None else text
     found = [name for name in CPU_ONLY_CUSTOM_CALLS if f'"{name}' in text]
     if found:
       raise AssertionError(f"{target.name}: CPU-only custom calls {found} in an "
