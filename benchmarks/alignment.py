@@ -182,10 +182,10 @@ def run_registration(volumes_hu, spacings, python: str) -> dict:
 
 def load_cases(config, num_cases: int):
   """(preprocessed volumes, HU volumes on the model grid, true alphas, spacings, ids)."""
-  from sean_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import preprocess, sources  # pylint: disable=g-import-not-at-top
 
   source = sources.case_source(config, "test")
-  if not isinstance(source, pipeline.PhantomCaseSource):
+  if not isinstance(source, sources.PhantomCaseSource):
     raise SystemExit("the alignment benchmark needs phantom cases (known pose)")
   out = {"image": [], "hu": [], "pose": [], "spacing": [], "case_id": []}
   for i in range(min(num_cases, len(source))):
@@ -193,7 +193,7 @@ def load_cases(config, num_cases: int):
     raw = source.raw_case(i)
     hu = np.asarray(raw.ct_hu, np.float32)
     if hu.shape != case["image"].shape:
-      hu = pipeline.resize_volume(hu, case["image"].shape[1:])
+      hu = preprocess.resize_volume(hu, case["image"].shape[1:])
     out["image"].append(case["image"])
     out["hu"].append(hu)
     out["pose"].append(np.asarray(case["pose"], np.float64))

@@ -37,7 +37,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from sean_jax import losses  # noqa: E402
-from sean_jax.data import pipeline  # noqa: E402
+from sean_jax.data import pipeline, sources  # noqa: E402
 from sean_jax.data.phantom import PhantomConfig  # noqa: E402
 from sean_jax.models.alignment import AlignmentNet  # noqa: E402
 from sean_jax.models.sean import ModelOptions, SegmentationNet  # noqa: E402
@@ -56,7 +56,7 @@ def _rate(it, n: int) -> float:
 def bench_pipeline(size: int, slices: int, batch: int, cases: int, warm_batches: int,
                    seed: int = 0) -> dict:
   config = PhantomConfig(size=size, slices=slices)
-  source = pipeline.PhantomCaseSource(seed, cases, config)
+  source = sources.PhantomCaseSource(seed, cases, config)
   prep = []
   for i in range(min(cases, 3)):
     start = time.perf_counter()

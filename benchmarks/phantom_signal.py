@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sean_jax.data import pipeline  # noqa: E402
+from sean_jax.data import preprocess, sources  # noqa: E402
 from sean_jax.data.phantom import PhantomConfig, generate_case  # noqa: E402
 from sean_jax.models import sampler  # noqa: E402
 
@@ -40,10 +40,10 @@ def main(argv=None):
     case = generate_case(1234, index, config)
     if not case.mask.any():
       continue
-    hu = pipeline.resize_volume(case.ct_hu.astype(np.float32), (args.size, args.size))
-    mask = pipeline.resize_volume(case.mask.astype(np.float32),
+    hu = preprocess.resize_volume(case.ct_hu.astype(np.float32), (args.size, args.size))
+    mask = preprocess.resize_volume(case.mask.astype(np.float32),
                                   (args.size, args.size)) >= 0.5
-    alpha = pipeline._pose_alpha(case.pose, 256, 256)  # resolution-free (normalised)
+    alpha = sources._pose_alpha(case.pose, 256, 256)  # resolution-free (normalised)
     images = hu[..., None]
     variants = {"unaligned": images,
                 "aligned": np.asarray(sampler.warp(images, alpha)),

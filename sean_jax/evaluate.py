@@ -374,10 +374,10 @@ def warn_if_not_hu_model(config) -> None:
 
 
 def _source(config, args):
-  from sean_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import sources  # pylint: disable=g-import-not-at-top
   try:
     if args.data is not None:
-      return pipeline.NiftiCaseSource(args.data, lesion_labels=args.lesion_labels,
+      return sources.NiftiCaseSource(args.data, lesion_labels=args.lesion_labels,
                                       image_size=config.data.image_size,
                                       window=tuple(config.data.hu_window))
     return sources.case_source(config, args.split)

@@ -15,7 +15,7 @@ Pipeline, per volume (docs/evaluation.md has the details):
 2. ``preprocess.window_and_normalize`` with the run's ``config.data.hu_window``, on the
    input grid;
 3. if (H, W) is not the model's ``config.data.image_size`` squared: in-plane resize with
-   ``pipeline.resize_volume`` (linear, antialiased: ``jax.image.resize(..., "linear")``'s
+   ``preprocess.resize_volume`` (linear, antialiased: ``jax.image.resize(..., "linear")``'s
    convention, the resize the model was trained with);
 4. ``segment_volume`` (alignment, segmentation, back to the unaligned grid);
 5. the probabilities are resized back to (H, W) the same way, and the mask is
@@ -91,7 +91,7 @@ def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
   "resized": bool}``. ``model`` must be in eval mode.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sean_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
 
   volume_hu = np.asarray(volume_hu, np.float32)
@@ -102,13 +102,13 @@ def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
   image = preprocess.window_and_normalize(volume_hu, tuple(config.data.hu_window))
   resized = (height, width) != (size, size)
   if resized:
-    image = pipeline.resize_volume(image, (size, size))
+    image = preprocess.resize_volume(image, (size, size))
   weights = preprocess.brain_slice_weights(image)
   probs, alpha = segment_volume(model, jnp.asarray(image), jnp.asarray(weights),
                                 batch_size=batch_size)
   probs = np.asarray(probs, np.float32)
   if resized:
-    probs = pipeline.resize_volume(probs, (height, width))
+    probs = preprocess.resize_volume(probs, (height, width))
   probs = np.clip(probs, 0.0, 1.0)
   return {"probabilities": probs, "mask": (probs > threshold).astype(np.uint8),
           "alpha": np.asarray(alpha, np.float64), "model_size": size,

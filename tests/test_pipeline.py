@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sean_jax.data import pipeline as P
+from sean_jax.data import sources as S
 from sean_jax.data import preprocess
 from sean_jax.data.phantom import PhantomConfig, generate_case
 
@@ -153,7 +154,7 @@ def test_slab_content_equals_volume_to_slabs():
 
 
 def test_phantom_batches_shapes_dtypes():
-  src = P.PhantomCaseSource(seed=0, num_cases=3, config=TINY)
+  src = S.PhantomCaseSource(seed=0, num_cases=3, config=TINY)
   it = P.make_train_iterator(src, batch_size=4, slab_slices=3, seed=0,
                              shard_index=0, shard_count=1)
   b = next(it)
@@ -166,7 +167,7 @@ def test_phantom_batches_shapes_dtypes():
 
 def test_phantom_source_matches_generator():
   from sean_jax.models.sampler import pose_to_alpha
-  src = P.PhantomCaseSource(seed=4, num_cases=2, config=TINY, start_index=5)
+  src = S.PhantomCaseSource(seed=4, num_cases=2, config=TINY, start_index=5)
   case = generate_case(4, 6, TINY)
   got = src[1]
   assert got["case_id"] == case.case_id
@@ -178,9 +179,9 @@ def test_phantom_source_matches_generator():
 
 
 def test_resize_to_model_size():
-  src = P.PhantomCaseSource(seed=0, num_cases=1, config=PhantomConfig(size=64, slices=6),
+  src = S.PhantomCaseSource(seed=0, num_cases=1, config=PhantomConfig(size=64, slices=6),
                             image_size=32)
-  full = P.PhantomCaseSource(seed=0, num_cases=1, config=PhantomConfig(size=64, slices=6))
+  full = S.PhantomCaseSource(seed=0, num_cases=1, config=PhantomConfig(size=64, slices=6))
   got, ref = src[0], full[0]
   assert got["image"].shape == got["mask"].shape == (6, 32, 32)
   assert set(np.unique(got["mask"]).tolist()) <= {0, 1}
@@ -190,7 +191,7 @@ def test_resize_to_model_size():
   import jax
   want = jax.image.resize(ref["image"], (6, 32, 32), "linear", antialias=True)
   np.testing.assert_allclose(got["image"], np.asarray(want), atol=1e-5)
-  up = P.resize_volume(ref["image"][:, :20, :24], (30, 36))
+  up = preprocess.resize_volume(ref["image"][:, :20, :24], (30, 36))
   want = jax.image.resize(ref["image"][:, :20, :24], (6, 30, 36), "linear")
   np.testing.assert_allclose(up, np.asarray(want), atol=1e-5)
 
@@ -218,21 +219,21 @@ def aisd_dir(tmp_path_factory):
 
 def test_tfds_png_label_mapping_and_zscore(aisd_dir):
   data_dir, fake, _ = aisd_dir
-  src = P.TfdsCaseSource(data_dir, "png", "train")
+  src = S.TfdsCaseSource(data_dir, "png", "train")
   assert len(src) >= 3
   for i in range(len(src)):
     got = src[i]
     raw = fake.cases[got["case_id"]]
     np.testing.assert_array_equal(got["mask"], np.isin(raw.mask, (1, 2, 3, 5)))
     # PNG grey values are not HU: z-scored without the HU clip.
-    np.testing.assert_allclose(got["image"], P.zscore(raw.image), atol=1e-6)
+    np.testing.assert_allclose(got["image"], preprocess.zscore(raw.image), atol=1e-6)
     assert np.isnan(got["pose"]).all()
     assert got["spacing_mm"][0] == 5.0
   assert src.slice_counts().tolist() == [src[i]["image"].shape[0] for i in range(len(src))]
   has4 = next(i for i in range(len(src)) if (fake.cases[src[i]["case_id"]].mask == 4).any())
   cid = src[has4]["case_id"]
   assert not src[has4]["mask"][fake.cases[cid].mask == 4].any()  # 4 -> background
-  four = P.TfdsCaseSource(data_dir, "png", "train", lesion_labels=(1, 2, 3, 4, 5))
+  four = S.TfdsCaseSource(data_dir, "png", "train", lesion_labels=(1, 2, 3, 4, 5))
   np.testing.assert_array_equal(four[has4]["mask"], fake.cases[cid].mask > 0)
   b = next(P.make_train_iterator(src, batch_size=2, slab_slices=3, seed=0,
                                  shard_index=0, shard_count=1))
@@ -243,7 +244,7 @@ def test_tfds_dicom_is_hu(aisd_dir):
   data_dir, fake, configs = aisd_dir
   if "dicom" not in configs:
     pytest.skip("pydicom not installed")
-  src = P.TfdsCaseSource(data_dir, "dicom", "train")
+  src = S.TfdsCaseSource(data_dir, "dicom", "train")
   for i in range(len(src)):
     got = src[i]
     raw = fake.cases[got["case_id"]]
@@ -260,8 +261,8 @@ def test_nifti_source_reads_phantom_cli(tmp_path):
   out = tmp_path / "cases"
   assert cli.main(["--out", str(out), "--num-cases", "2", "--seed", "3",
                    "--size", "32", "--slices", "6", "--start-index", "1"]) == 0
-  src = P.NiftiCaseSource(out)
-  ref = P.PhantomCaseSource(seed=3, num_cases=2, config=TINY, start_index=1)
+  src = S.NiftiCaseSource(out)
+  ref = S.PhantomCaseSource(seed=3, num_cases=2, config=TINY, start_index=1)
   assert len(src) == 2 and src.slice_counts().tolist() == [6, 6]
   for i in range(2):
     got, want, raw = src[i], ref[i], ref.raw_case(i)
@@ -276,7 +277,7 @@ def test_nifti_source_reads_phantom_cli(tmp_path):
   assert [c["case_index"] for c in cases] == [0, 1]
   # Without the JSON the pose is unknown.
   os.remove(out / f"{src.case_ids[0]}.json")
-  assert np.isnan(P.NiftiCaseSource(out)[0]["pose"]).all()
+  assert np.isnan(S.NiftiCaseSource(out)[0]["pose"]).all()
 
 
 # ---------------------------------------------------------------- alignment
@@ -315,7 +316,7 @@ def test_align_hook_must_return_alpha():
 def test_alignment_hook_from_net():
   from flax import nnx
   from sean_jax.models.alignment import AlignmentNet
-  src = P.PhantomCaseSource(seed=0, num_cases=2, config=TINY)
+  src = S.PhantomCaseSource(seed=0, num_cases=2, config=TINY)
   net = AlignmentNet(input_size=32, rngs=nnx.Rngs(0))  # fc at zero: identity
   hook = P.alignment_hook(net)
   ds = _train(src, batch_size=2, seed=0, align_fn=hook)
@@ -326,7 +327,7 @@ def test_alignment_hook_from_net():
 
 
 def test_alignment_iterator():
-  src = P.PhantomCaseSource(seed=1, num_cases=2, config=TINY)
+  src = S.PhantomCaseSource(seed=1, num_cases=2, config=TINY)
   ds = P.make_alignment_dataset(src, batch_size=4, seed=0, shard_index=0,
                                 shard_count=1)
   rows = []
@@ -380,13 +381,13 @@ def test_invalid_arguments_raise():
   with pytest.raises(ValueError, match=r"slab_slices must be odd"):
     _train(src, batch_size=2, seed=0, slab_slices=4)
   with pytest.raises(ValueError, match=r"case x: mask holds labels \[4\]"):
-    P.prepare_case("x", np.zeros((2, 4, 4)), np.full((2, 4, 4), 4), intensity="hu")
+    preprocess.prepare_case("x", np.zeros((2, 4, 4)), np.full((2, 4, 4), 4), intensity="hu")
   with pytest.raises(ValueError, match=r"case x: image has 0 slices"):
-    P.prepare_case("x", np.zeros((0, 4, 4)), np.zeros((0, 4, 4)), intensity="hu")
+    preprocess.prepare_case("x", np.zeros((0, 4, 4)), np.zeros((0, 4, 4)), intensity="hu")
   with pytest.raises(ValueError, match=r"case x: image has 1 non-finite"):
     img = np.zeros((2, 4, 4))
     img[1, 2, 3] = np.nan
-    P.prepare_case("x", img, np.zeros((2, 4, 4)), intensity="zscore")
+    preprocess.prepare_case("x", img, np.zeros((2, 4, 4)), intensity="zscore")
   with pytest.raises(ValueError, match=r"case c0.*mask shape"):
     src.cases[0]["mask"] = np.zeros((3, 8, 8), np.uint8)
     list(P.make_eval_cases(src))
@@ -418,13 +419,13 @@ def test_shared_phantom_cache_makes_each_case_once(monkeypatch):
   """Sources of one process with shared_cache reuse prepared cases (the tables runner
   trains many models on the same cases); the cache is bounded and keyed on the case."""
   calls = []
-  real = P.PhantomCaseSource.raw_case
-  monkeypatch.setattr(P.PhantomCaseSource, "raw_case",
+  real = S.PhantomCaseSource.raw_case
+  monkeypatch.setattr(S.PhantomCaseSource, "raw_case",
                       lambda self, i: calls.append(i) or real(self, i))
-  monkeypatch.setattr(P, "_PHANTOM_CACHE", {})
-  first = P.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
-  again = P.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
-  other_seed = P.PhantomCaseSource(seed=6, num_cases=3, config=TINY, shared_cache=2)
+  monkeypatch.setattr(S, "_PHANTOM_CACHE", {})
+  first = S.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
+  again = S.PhantomCaseSource(seed=5, num_cases=3, config=TINY, shared_cache=2)
+  other_seed = S.PhantomCaseSource(seed=6, num_cases=3, config=TINY, shared_cache=2)
   a = first[0]
   b = again[0]
   assert calls == [0]
@@ -433,5 +434,5 @@ def test_shared_phantom_cache_makes_each_case_once(monkeypatch):
   assert calls == [0, 0]  # another seed is another case
   first[1]  # evicts seed 5 case 0 (least recently used)
   again[0]
-  assert calls == [0, 0, 1, 0] and len(P._PHANTOM_CACHE) == 2
-  np.testing.assert_array_equal(a["image"], P.PhantomCaseSource(5, 3, TINY)[0]["image"])
+  assert calls == [0, 0, 1, 0] and len(S._PHANTOM_CACHE) == 2
+  np.testing.assert_array_equal(a["image"], S.PhantomCaseSource(5, 3, TINY)[0]["image"])

@@ -110,12 +110,12 @@ def test_all_outputs(workdir, scans, tmp_path, capsys):
 def test_mask_agrees_with_evaluate(workdir, scans, tmp_path, capsys):
   """predict and evaluate see the same preprocessing: the same mask."""
   from sean_jax import checkpointing, evaluate
-  from sean_jax.data import pipeline
+  from sean_jax.data import sources
   out = tmp_path / "m.nii.gz"
   assert run_predict(capsys, "--workdir", workdir, "--input", scans["canonical"],
                      "--output", out)[0] == 0
   model, config, _ = checkpointing.load_model(workdir)
-  source = pipeline.NiftiCaseSource(scans["dir"], image_size=32,
+  source = sources.NiftiCaseSource(scans["dir"], image_size=32,
                                     window=tuple(config.data.hu_window))
   index = source.case_ids.index(scans["case"].case_id)
   _, probs, _ = evaluate.evaluate_case(model, source[index])

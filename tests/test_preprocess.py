@@ -71,3 +71,89 @@ def test_default_window_keeps_the_lesion_contrast_that_40_100_erases():
   assert len(ours) >= 3
   assert np.mean(ours) > 0.05  # hypodense lesions stay darker than the other side
   assert np.mean(ours) > 5 * abs(np.mean(literal))
+
+
+# ------------------------------------------------------------------ HU conventions
+
+
+@pytest.fixture(scope="module")
+def phantom_hu():
+  from sean_jax.data.phantom import PhantomConfig, generate_case
+  return generate_case(3, 0, PhantomConfig(size=64, slices=6)).ct_hu.astype(np.float32)
+
+
+def test_plain_hu_is_left_alone(phantom_hu):
+  from sean_jax.data.preprocess import check_head_ct, fix_hu_conventions
+  fixed, notes = fix_hu_conventions(phantom_hu)
+  assert notes == [] and np.array_equal(fixed, phantom_hu)
+  check_head_ct(fixed, "phantom")
+
+
+def test_air_stored_as_zero_is_restored(phantom_hu):
+  from sean_jax.data.preprocess import fix_hu_conventions
+  fixed, notes = fix_hu_conventions(np.maximum(phantom_hu, 0.0))
+  assert len(notes) == 1 and "air stored as 0" in notes[0]
+  outside = phantom_hu < -500.0  # the phantom's air: all outside the head
+  assert np.all(fixed[outside] == -1000.0)
+  # Inside the head the stored values stay, but for voxels below 0 HU at the head's
+  # edge (partial volume with the air), which may join the air.
+  inside = ~outside
+  kept = fixed[inside] == np.maximum(phantom_hu[inside], 0.0)
+  joined = (fixed[inside] == -1000.0) & (phantom_hu[inside] < 0.0)
+  assert np.all(kept | joined)
+  # What the model sees: the windowed, z-scored volume of the true HU, but for the few
+  # voxels of the head below 0 HU.
+  diff = np.abs(window_and_normalize(fixed) - window_and_normalize(phantom_hu))
+  assert (diff > 0.05).mean() < 0.01 and diff.max() < 0.5
+
+
+def test_unsigned_offset_and_padding(phantom_hu):
+  from sean_jax.data.preprocess import fix_hu_conventions
+  stored = np.maximum(phantom_hu, -1024.0) + 1024.0
+  fixed, notes = fix_hu_conventions(stored)
+  assert len(notes) == 1 and "+1024 offset" in notes[0]
+  np.testing.assert_allclose(fixed, np.maximum(phantom_hu, -1024.0), atol=1e-3)
+  padded = phantom_hu.copy()
+  padded[:, :3, :] = -3024.0  # outside the field of view
+  fixed, notes = fix_hu_conventions(padded)
+  assert len(notes) == 1 and "padding" in notes[0]
+  assert fixed.min() == -1024.0 and np.array_equal(fixed[:, 3:], padded[:, 3:])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda v: np.full_like(v, -1000.0), "no head"),
+    (lambda v: v[:1], "1 slice"),
+    (lambda v: (v - v.min()) / (v.max() - v.min()), "0..1 normalised"),
+    (lambda v: np.clip(v, -10, 90) + 10 * 255 / 100, "0..255 windowed"),
+    (lambda v: np.random.default_rng(0).uniform(2000, 4000, v.shape), "not a CT"),
+])
+def test_what_is_not_a_head_ct_is_refused(phantom_hu, make, message):
+  from sean_jax.data.preprocess import check_head_ct, fix_hu_conventions
+  fixed, _ = fix_hu_conventions(make(phantom_hu).astype(np.float32))
+  with pytest.raises(ValueError, match=message) as info:
+    check_head_ct(fixed, "scan.nii.gz")
+  assert str(info.value).startswith("scan.nii.gz: ") and "\n" not in str(info.value)
+
+
+def test_real_template_with_air_stored_as_zero():
+  """The CQ500 head CT template stores air as 0 (and a few negative values from its
+  resampling): the fix finds the air around the head and the scan passes as a head CT."""
+  from pathlib import Path
+  from sean_jax.data import nifti
+  from sean_jax.data.preprocess import check_head_ct, fix_hu_conventions
+  path = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ct_template"
+          / "template_with_skull_2mm.nii.gz")
+  if not path.exists():
+    pytest.skip(f"{path} not found: the real CT template lives beside the project "
+                f"(../shared/data, see its README), not in a fresh clone")
+  stored = nifti.load_volume(path, expect_hu=False).data
+  fixed, notes = fix_hu_conventions(stored)
+  assert len(notes) == 1 and "air stored as 0" in notes[0]
+  check_head_ct(fixed, path.name)
+  air = fixed == -1000.0
+  # Every corner of every slice is air; the brain (20-60 HU) is never moved.
+  assert air[:, [0, 0, -1, -1], [0, -1, 0, -1]].all()
+  brain = (stored >= 20.0) & (stored <= 60.0)
+  assert not (air & brain).any() and 0.5 < air.mean() < 0.95
+  with pytest.raises(ValueError, match="not a CT"):
+    check_head_ct(stored, path.name)
