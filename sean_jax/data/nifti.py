@@ -46,6 +46,9 @@ class Volume:
   spacing_mm: tuple  # voxel size along (S, H, W)
   header: nib.Nifti1Header
   file_dtype: np.dtype  # on-disk data type
+  # Where the data came from when it was not a NIfTI file (e.g. the DICOM series UID and
+  # description, see sean_jax.data.dicom); empty for NIfTI files.
+  source: dict = dataclasses.field(default_factory=dict)
 
   @property
   def axcodes(self) -> tuple:
