@@ -58,6 +58,7 @@ import numpy as np
 import pydicom
 from nibabel import orientations as nio
 from pydicom.errors import InvalidDicomError
+from pydicom.misc import is_dicom
 
 from sean_jax.data import nifti
 from sean_jax.data.nifti import InputError
@@ -178,7 +179,7 @@ def is_dicom_dir(directory) -> bool:
     return False
   for path in files:
     try:
-      if pydicom.misc.is_dicom(path):
+      if is_dicom(path):
         return True
     except OSError:
       continue
