@@ -171,6 +171,18 @@ def test_oblique_in_plane_rotation(tmp_path):
   _check_geometry(vol, stored, pos, row_cos, col_cos)
 
 
+def test_fractional_rescale_slope_keeps_float(tmp_path):
+  stored = _stored_volume(seed=17)
+
+  def half(k, ds):
+    ds.RescaleSlope = "0.5"
+    ds.RescaleIntercept = "-1000"
+  _write_series(tmp_path, stored, *_AXIAL, mutate=half)
+  vol = dicom.load_series(tmp_path)
+  np.testing.assert_array_equal(vol.data, stored.astype(np.float32) * 0.5 - 1000.0)
+  assert vol.file_dtype == np.float32  # half-HU values would not survive int16
+
+
 def test_save_like_round_trip(tmp_path):
   stored = _stored_volume(seed=4)
   row_cos, col_cos = (0, 1, 0), (0, 0, -1)
