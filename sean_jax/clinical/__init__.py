@@ -1,0 +1,1 @@
+"""Clinical post-processing: brain masks, confinement and component-size filtering."""
