@@ -20,7 +20,9 @@
 6. *Fill holes* per slice (2D) and in 3D: ventricles whose CSF is noisy,
    calcifications (above ``high_hu``), the infarct itself.
 7. Back on the full grid: the upsampled mask without pixels at or above ``high_hu``
-   (the inner table of the skull, blurred by the coarse grid), holes filled again.
+   (the inner table of the skull, blurred by the coarse grid), then one pixel more
+   in-plane into pixels between ``low_hu`` and ``rim_hu`` (300 HU: the edge pixels that
+   hold mostly brain and some bone by partial volume), holes filled again.
 
 :func:`head_mask` is everything above ``threshold_hu`` (-300 HU: soft tissue and bone,
 not air), its largest 3D component, holes filled (sinuses, mastoid cells).
@@ -150,7 +152,8 @@ def _add_vertical_islands(mask: np.ndarray, cand: np.ndarray,
 
 
 def brain_mask(volume_hu, spacing_mm=None, *, low_hu: float = -15.0, high_hu: float = 100.0,
-               erode_mm: float = 3.0, grid_mm: float = 0.9) -> np.ndarray:
+               erode_mm: float = 3.0, grid_mm: float = 0.9,
+               rim_hu: float = 300.0) -> np.ndarray:
   """Brain (intracranial soft tissue and CSF) mask of a head CT; see the module doc.
 
   Args:
@@ -160,6 +163,8 @@ def brain_mask(volume_hu, spacing_mm=None, *, low_hu: float = -15.0, high_hu: fl
     erode_mm: in-plane radius of the erosion that cuts bridges, mm.
     grid_mm: in-plane pixel size the mask is worked out at, mm (never finer than the
       scan's).
+    rim_hu: the mask's edge grows by one pixel in-plane into pixels below this HU
+      (partial volume of brain and the inner table), HU.
 
   Returns:
     (S, H, W) (or (H, W)) bool, True inside the brain.
@@ -178,7 +183,11 @@ def brain_mask(volume_hu, spacing_mm=None, *, low_hu: float = -15.0, high_hu: fl
     core = fill_holes(_add_vertical_islands(core, cand))
     if f > 1:
       core = np.repeat(np.repeat(core, f, axis=1), f, axis=2)[:, :v.shape[1], :v.shape[2]]
-    out = fill_holes(core & (v < high_hu), in_3d=False)
+    core &= v < high_hu
+    # The boundary pixels shared with the inner table: brain (or infarct) plus a little
+    # bone by partial volume, above high_hu but well below bone.
+    rim = ndimage.binary_dilation(core, structure=_INPLANE_8) & (v > low_hu) & (v < rim_hu)
+    out = fill_holes(core | rim, in_3d=False)
   return out[0] if squeeze else out
 
 
