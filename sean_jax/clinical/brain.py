@@ -20,9 +20,11 @@
 6. *Fill holes* per slice (2D) and in 3D: ventricles whose CSF is noisy,
    calcifications (above ``high_hu``), the infarct itself.
 7. Back on the full grid: the upsampled mask without pixels at or above ``high_hu``
-   (the inner table of the skull, blurred by the coarse grid), then one pixel more
-   in-plane into pixels between ``low_hu`` and ``rim_hu`` (300 HU: the edge pixels that
-   hold mostly brain and some bone by partial volume), holes filled again.
+   (the inner table of the skull, blurred by the coarse grid), then two pixels more
+   in-plane into the edge pixels that hold brain and bone by partial volume (HU above
+   ``low_hu`` and below 400 HU or 60% of the way from 30 HU to the densest pixel
+   within 2 pixels, i.e. the adjacent inner table), holes filled again. So the mask
+   holds no bone but may hold its partial-volume edge: a few pixels of 100-600 HU.
 
 :func:`head_mask` is everything above ``threshold_hu`` (-300 HU: soft tissue and bone,
 not air), its largest 3D component, holes filled (sinuses, mastoid cells).
@@ -41,10 +43,22 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["brain_mask", "head_mask", "fill_holes", "largest_component",
-           "DEFAULT_SPACING_MM"]
+           "DEFAULT_SLICE_MM", "DEFAULT_FOV_MM"]
 
-# Used when the spacing is unknown: 5 mm slices of 1 mm pixels.
-DEFAULT_SPACING_MM = (5.0, 1.0, 1.0)
+# Used when the spacing is unknown: 5 mm slices, and pixels that make the image a
+# 230 mm field of view (a typical head CT: 0.45 mm at 512, 0.9 mm at 256).
+DEFAULT_SLICE_MM = 5.0
+DEFAULT_FOV_MM = 230.0
+
+# Edge pixels below this HU always join the mask (see _rim); the edge grows by this
+# many pixels (the partial volume of a blurred inner table spans about two).
+_RIM_HU = 400.0
+_RIM_PASSES = 2
+# Largest bone fraction of an edge pixel kept. Above one half on purpose: the mask is
+# used to delete predictions outside it, and an edge pixel wrongly kept costs less
+# than a lesion voxel wrongly cut (the phantom labels pixels of up to ~55% bone by
+# HU as intracranial: its labels are drawn before its partial-volume blur).
+_RIM_BONE = 0.6
 
 _INPLANE_4 = np.zeros((3, 3, 3), bool)
 _INPLANE_4[1] = ndimage.generate_binary_structure(2, 1)
@@ -62,9 +76,9 @@ def _as_volume(volume_hu) -> tuple[np.ndarray, bool]:
   return v, False
 
 
-def _spacing(spacing_mm) -> tuple[float, float, float]:
+def _spacing(spacing_mm, shape) -> tuple[float, float, float]:
   if spacing_mm is None:
-    return DEFAULT_SPACING_MM
+    return DEFAULT_SLICE_MM, DEFAULT_FOV_MM / shape[1], DEFAULT_FOV_MM / shape[2]
   sp = tuple(float(s) for s in np.asarray(spacing_mm, np.float64).reshape(-1))
   if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
     raise ValueError(f"spacing_mm must be 3 positive numbers (slice, row, col), got {spacing_mm}")
@@ -129,6 +143,30 @@ def _block_mean(v: np.ndarray, f: int) -> np.ndarray:
   return v.mean(axis=(2, 4), dtype=np.float32)
 
 
+def _rim(v: np.ndarray, core: np.ndarray, low_hu: float) -> np.ndarray:
+  """Edge pixels (8-adjacent in-plane to ``core``) that are more brain than bone.
+
+  A pixel straddling the inner table reads ``(1 - f) * brain + f * bone``; it is
+  taken when ``f < _RIM_BONE``, with brain taken as 30 HU and bone as the densest
+  pixel within 2 pixels in-plane. Next to bone thinner
+  than a pixel (the cranial floor cut obliquely) that densest pixel is itself diluted,
+  so pixels below ``_RIM_HU`` are taken whatever their neighbours.
+  """
+  ring = ndimage.binary_dilation(core, structure=_INPLANE_8) & ~core & (v > low_hu)
+  s, y, x = np.nonzero(ring)
+  if s.size == 0:
+    return ring
+  h, w = v.shape[1:]
+  local_max = np.full(s.shape, -np.inf, np.float32)
+  for dy in range(-2, 3):
+    for dx in range(-2, 3):
+      local_max = np.maximum(local_max, v[s, np.clip(y + dy, 0, h - 1), np.clip(x + dx, 0, w - 1)])
+  keep = v[s, y, x] < np.maximum(30.0 + _RIM_BONE * (local_max - 30.0), _RIM_HU)
+  out = np.zeros(v.shape, bool)
+  out[s[keep], y[keep], x[keep]] = True
+  return out
+
+
 def _add_vertical_islands(mask: np.ndarray, cand: np.ndarray,
                           min_cover: float = 0.5) -> np.ndarray:
   """Adds in-plane components of ``cand`` lying mostly over/under ``mask``'s next slices.
@@ -152,25 +190,23 @@ def _add_vertical_islands(mask: np.ndarray, cand: np.ndarray,
 
 
 def brain_mask(volume_hu, spacing_mm=None, *, low_hu: float = -15.0, high_hu: float = 100.0,
-               erode_mm: float = 3.0, grid_mm: float = 0.9,
-               rim_hu: float = 300.0) -> np.ndarray:
+               erode_mm: float = 3.0, grid_mm: float = 0.9) -> np.ndarray:
   """Brain (intracranial soft tissue and CSF) mask of a head CT; see the module doc.
 
   Args:
     volume_hu: (S, H, W) (or (H, W)) HU, air about -1000.
-    spacing_mm: (3,) (slice, row, col) mm, or None for ``DEFAULT_SPACING_MM``.
+    spacing_mm: (3,) (slice, row, col) mm, or None: 5 mm slices over a 230 mm field of
+      view (``DEFAULT_SLICE_MM``, ``DEFAULT_FOV_MM``).
     low_hu, high_hu: the brain-like HU range (exclusive), HU.
     erode_mm: in-plane radius of the erosion that cuts bridges, mm.
     grid_mm: in-plane pixel size the mask is worked out at, mm (never finer than the
       scan's).
-    rim_hu: the mask's edge grows by one pixel in-plane into pixels below this HU
-      (partial volume of brain and the inner table), HU.
 
   Returns:
     (S, H, W) (or (H, W)) bool, True inside the brain.
   """
   v, squeeze = _as_volume(volume_hu)
-  sp = _spacing(spacing_mm)
+  sp = _spacing(spacing_mm, v.shape)
   f = max(1, int(round(grid_mm / max(min(sp[1], sp[2]), 1e-6))))
   coarse = _block_mean(v, f)
   cand = (coarse > low_hu) & (coarse < high_hu)
@@ -184,10 +220,9 @@ def brain_mask(volume_hu, spacing_mm=None, *, low_hu: float = -15.0, high_hu: fl
     if f > 1:
       core = np.repeat(np.repeat(core, f, axis=1), f, axis=2)[:, :v.shape[1], :v.shape[2]]
     core &= v < high_hu
-    # The boundary pixels shared with the inner table: brain (or infarct) plus a little
-    # bone by partial volume, above high_hu but well below bone.
-    rim = ndimage.binary_dilation(core, structure=_INPLANE_8) & (v > low_hu) & (v < rim_hu)
-    out = fill_holes(core | rim, in_3d=False)
+    for _ in range(_RIM_PASSES):
+      core |= _rim(v, core, low_hu)
+    out = fill_holes(core, in_3d=False)
   return out[0] if squeeze else out
 
 
