@@ -137,6 +137,21 @@ def test_head_mask_shells():
   assert np.array_equal(h, head)
 
 
+def test_dilate8_matches_scipy():
+  m = np.random.default_rng(4).random((3, 17, 19)) < 0.1
+  m[0, 0, 0] = m[2, -1, -1] = True  # the edges
+  np.testing.assert_array_equal(brain._dilate8(m),
+                                ndimage.binary_dilation(m, np.ones((1, 3, 3), bool)))
+
+
+def test_block_mean_matches_reshape():
+  v = np.random.default_rng(6).normal(0.0, 100.0, (2, 9, 11)).astype(np.float32)
+  for f in (1, 2, 3):
+    padded = np.pad(v, ((0, 0), (0, -9 % f), (0, -11 % f)), mode="edge")
+    expect = padded.reshape(2, padded.shape[1] // f, f, padded.shape[2] // f, f).mean(axis=(2, 4))
+    np.testing.assert_allclose(brain._block_mean(v, f), expect, atol=1e-3)
+
+
 def test_fill_holes_matches_scipy():
   rng = np.random.default_rng(3)
   m = rng.random((5, 24, 24)) < 0.55

@@ -139,8 +139,24 @@ def _block_mean(v: np.ndarray, f: int) -> np.ndarray:
   hp, wp = -h % f, -w % f
   if hp or wp:
     v = np.pad(v, ((0, 0), (0, hp), (0, wp)), mode="edge")
-  v = v.astype(np.float32, copy=False).reshape(s, (h + hp) // f, f, (w + wp) // f, f)
-  return v.mean(axis=(2, 4), dtype=np.float32)
+  # f * f strided adds: several times faster than a mean over a reshaped axis pair.
+  out = np.zeros((s, (h + hp) // f, (w + wp) // f), np.float32)
+  for i in range(f):
+    for j in range(f):
+      out += v[:, i::f, j::f]
+  return out * np.float32(1.0 / (f * f))
+
+
+def _dilate8(mask: np.ndarray) -> np.ndarray:
+  """In-plane 3 x 3 dilation of an (S, H, W) bool mask (by shifts: ~10x faster than
+  ndimage.binary_dilation on a full 512 x 512 volume)."""
+  rows = mask.copy()
+  rows[:, 1:] |= mask[:, :-1]
+  rows[:, :-1] |= mask[:, 1:]
+  out = rows.copy()
+  out[:, :, 1:] |= rows[:, :, :-1]
+  out[:, :, :-1] |= rows[:, :, 1:]
+  return out
 
 
 def _rim(v: np.ndarray, core: np.ndarray, low_hu: float) -> np.ndarray:
@@ -152,7 +168,7 @@ def _rim(v: np.ndarray, core: np.ndarray, low_hu: float) -> np.ndarray:
   than a pixel (the cranial floor cut obliquely) that densest pixel is itself diluted,
   so pixels below ``_RIM_HU`` are taken whatever their neighbours.
   """
-  ring = ndimage.binary_dilation(core, structure=_INPLANE_8) & ~core & (v > low_hu)
+  ring = _dilate8(core) & ~core & (v > low_hu)
   s, y, x = np.nonzero(ring)
   if s.size == 0:
     return ring
