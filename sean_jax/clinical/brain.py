@@ -26,6 +26,14 @@
    within 2 pixels, i.e. the adjacent inner table), holes filled again. So the mask
    holds no bone but may hold its partial-volume edge: a few pixels of 100-600 HU.
 
+Measured on the phantom's test split (50 cases of 24 x 256 x 256, seed 1234): every
+voxel of all 65 acute lesions inside; Dice 0.99 with the phantom's intracranial labels.
+Known limit: soft tissue right under the cranial floor. Where the floor plate lies
+between two slices (the phantom samples each slice on a plane; a real 5 mm slice
+averages the plate into it), the tissue under it touches the brain of the slice above
+with no bone between them, and nothing local tells the two apart: the mask then holds
+it (phantom: median 8 ml, up to 120 ml in the lowest slices).
+
 :func:`head_mask` is everything above ``threshold_hu`` (-300 HU: soft tissue and bone,
 not air), its largest 3D component, holes filled (sinuses, mastoid cells).
 
