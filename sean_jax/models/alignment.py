@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sean_jax.models import refine as refine_lib
 from sean_jax.models import sampler
 
 
@@ -90,14 +91,17 @@ def compose_alpha(first: jax.Array, second: jax.Array, height: int, width: int
 
 
 def align_volume(net: AlignmentNet, volume: jax.Array,
-                 slice_weights: jax.Array | None = None, iterations: int = 1
-                 ) -> tuple[jax.Array, jax.Array]:
+                 slice_weights: jax.Array | None = None, iterations: int = 1,
+                 refine: bool = False) -> tuple[jax.Array, jax.Array]:
   """Estimates one transform for a preprocessed volume and applies it to every slice.
 
   volume: (S, H, W); slice_weights: (S,) slices to trust (default: all).
   iterations: passes of the net; each later pass estimates the residual transform of
   the volume aligned so far, which is composed with it (``compose_alpha``), and the
   input volume is warped once by the total. 1 is the paper's single estimate.
+  refine: then search the rotation and midline shift that make the volume itself most
+  symmetric, starting from the net's estimate (``refine.refine_alpha``; the shift
+  along the midline stays the net's).
   Returns (aligned volume (S, H, W), alpha (3,)). What the warp brings into view takes
   the volume's minimum (air).
   """
@@ -113,6 +117,9 @@ def align_volume(net: AlignmentNet, volume: jax.Array,
   for _ in range(iterations - 1):
     alpha = compose_alpha(alpha, aggregate_alpha(net(aligned), slice_weights),
                           height, width)
+    aligned = sampler.warp(slices, alpha)
+  if refine:
+    alpha = refine_lib.refine_alpha(volume, alpha, slice_weights)
     aligned = sampler.warp(slices, alpha)
   return aligned[..., 0] + background, alpha
 

@@ -162,11 +162,14 @@ def volume_to_slabs(volume: jax.Array, slab_slices: int) -> jax.Array:
 
 
 def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
-                   batch_size: int = 8) -> tuple[jax.Array, jax.Array]:
+                   batch_size: int = 8, refine: bool = False
+                   ) -> tuple[jax.Array, jax.Array]:
   """Lesion probabilities for a preprocessed volume, on the volume's own grid.
 
-  volume: (S, H, W) preprocessed. Returns (probabilities (S, H, W) of the lesion
-  class, alpha (3,) of the alignment; zeros when the model does not align).
+  volume: (S, H, W) preprocessed. refine: refine the network's alignment by the
+  volume's own symmetry (``alignment.align_volume``). Returns (probabilities
+  (S, H, W) of the lesion class, alpha (3,) of the alignment; zeros when the model
+  does not align).
   Call ``model.eval()`` first.
   """
   volume = jnp.asarray(volume, jnp.float32)
@@ -174,7 +177,8 @@ def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
   if model.aligner is not None:
     if slice_weights is None:
       slice_weights = jnp.ones(volume.shape[:1])
-    volume, alpha = _align(model.aligner, volume, jnp.asarray(slice_weights))
+    volume, alpha = _align(model.aligner, volume, jnp.asarray(slice_weights),
+                           refine=bool(refine))
   slabs = volume_to_slabs(volume, model.options.slab_slices)
   probs = jnp.concatenate([_jit_lesion_probability(model.segmenter,
                                                    slabs[start:start + batch_size])
@@ -184,9 +188,9 @@ def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
   return probs, alpha
 
 
-@nnx.jit
-def _align(aligner, volume, slice_weights):
-  return alignment.align_volume(aligner, volume, slice_weights)
+@nnx.jit(static_argnames="refine")
+def _align(aligner, volume, slice_weights, refine=False):
+  return alignment.align_volume(aligner, volume, slice_weights, refine=refine)
 
 
 def lesion_probability(segmenter: SegmentationNet, slabs: jax.Array) -> jax.Array:
