@@ -61,7 +61,15 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
 
   # Stage 1: the alignment network (unsupervised), before the segmentation net.
   c.align = ml_collections.ConfigDict(dict(
-      num_train_steps=3000, batch_size=32, learning_rate=1e-4))
+      num_train_steps=3000, batch_size=32, learning_rate=1e-4,
+      # After the net's estimate, each volume's pose is refined on the volume itself
+      # (sean_jax.models.refine), in stage 2, evaluate and predict.
+      refine=True))
+
+  # Postprocessing, the same in evaluate and predict (sean_jax.clinical): predictions
+  # are kept inside the brain mask, and components below a size chosen on the
+  # validation split at the end of training (postprocessing.json in the workdir) go.
+  c.postprocess = ml_collections.ConfigDict(dict(brain_mask=True))
 
   # Bookkeeping.
   c.log_every_steps = 50

@@ -62,13 +62,14 @@ def _finite_pose(pose):
   return pose if pose.shape == (3,) and np.all(np.isfinite(pose)) else None
 
 
-def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: int = 26,
-                  overlap: str = "any", min_overlap: float = 0.5,
-                  batch_size: int = 8) -> tuple[dict, np.ndarray, np.ndarray]:
-  """One case: (row of metrics, probabilities (S, H, W), alpha (3,)).
+def segment_case(model, case: dict, *, threshold: float = 0.5, refine: bool = False,
+                 brain_mask: bool = False, batch_size: int = 8):
+  """Segments one pipeline case: (prediction (S, H, W) bool, probabilities (S, H, W)
+  float32, alpha (3,), seconds).
 
-  ``case`` is a pipeline case dict (``image`` preprocessed (S, H, W), ``mask`` 0/1,
-  optional ``pose`` alpha or NaN, ``spacing_mm``). ``model`` must be in eval mode.
+  ``refine``: symmetry refinement of the pose after the alignment net
+  (``sean_jax.models.refine``); ``brain_mask``: the prediction is kept inside the case's
+  ``"brain"`` (``sources.case_source(..., brain_mask=True)``), when it has one.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -76,18 +77,53 @@ def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: in
 
   case_id = str(case.get("case_id", "?"))
   image = np.asarray(case["image"], np.float32)
-  ref = np.asarray(case["mask"]) != 0
-  if image.ndim != 3 or ref.shape != image.shape:
-    raise ValueError(f"case {case_id}: image {image.shape} / mask {ref.shape} must be "
-                     f"equal (S, H, W) shapes")
+  if image.ndim != 3 or np.shape(case["mask"]) != image.shape:
+    raise ValueError(f"case {case_id}: image {image.shape} / mask "
+                     f"{np.shape(case['mask'])} must be equal (S, H, W) shapes")
   start = time.perf_counter()
   weights = preprocess.brain_slice_weights(image)
   probs, alpha = segment_volume(model, jnp.asarray(image), jnp.asarray(weights),
-                                batch_size=batch_size)
+                                batch_size=batch_size, refine=refine)
   probs = np.asarray(probs, np.float32)
   alpha = np.asarray(alpha, np.float64)
   seconds = time.perf_counter() - start
   pred = probs > threshold
+  if brain_mask and case.get("brain") is not None:
+    pred &= np.asarray(case["brain"]) != 0
+  return pred, probs, alpha, seconds
+
+
+def _case_spacing(case: dict) -> np.ndarray:
+  spacing = np.asarray(case.get("spacing_mm", [np.nan] * 3), np.float64).reshape(-1)
+  if spacing.shape != (3,) or not np.all(np.isfinite(spacing)):
+    raise ValueError(f"case {case.get('case_id', '?')}: voxel spacing unknown "
+                     f"({spacing.tolist()}); a component size in ml needs it")
+  return spacing
+
+
+def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: int = 26,
+                  overlap: str = "any", min_overlap: float = 0.5,
+                  batch_size: int = 8, refine: bool = False, brain_mask: bool = False,
+                  min_size_ml: float = 0.0) -> tuple[dict, np.ndarray, np.ndarray]:
+  """One case: (row of metrics, probabilities (S, H, W), alpha (3,)).
+
+  ``case`` is a pipeline case dict (``image`` preprocessed (S, H, W), ``mask`` 0/1,
+  optional ``pose`` alpha or NaN, ``spacing_mm``, ``brain``). ``model`` must be in eval
+  mode. The prediction is postprocessed as predict does it: ``refine`` and
+  ``brain_mask`` as in :func:`segment_case`, then components smaller than
+  ``min_size_ml`` are removed (``sean_jax.clinical.postprocess``).
+  """
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
+
+  case_id = str(case.get("case_id", "?"))
+  pred, probs, alpha, seconds = segment_case(model, case, threshold=threshold,
+                                             refine=refine, brain_mask=brain_mask,
+                                             batch_size=batch_size)
+  image = np.asarray(case["image"])
+  ref = np.asarray(case["mask"]) != 0
+  if min_size_ml > 0:
+    pred = postprocess.remove_small_components(pred, min_size_ml, _case_spacing(case),
+                                               connectivity=connectivity) != 0
   counts = metrics.detection_counts(pred, ref, connectivity=connectivity,
                                     overlap=overlap, min_overlap=min_overlap)
   inter = int(np.count_nonzero(pred & ref))
@@ -109,7 +145,8 @@ def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: in
 
 def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 26,
                    overlap: str = "any", min_overlap: float = 0.5, batch_size: int = 8,
-                   max_cases: int | None = None, progress=None) -> dict:
+                   max_cases: int | None = None, progress=None, refine: bool = False,
+                   brain_mask: bool = False, min_size_ml: float = 0.0) -> dict:
   """Segments every case and scores it; returns aggregates plus per-case ``"cases"``.
 
   Args:
@@ -120,6 +157,7 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
     batch_size: slabs per forward pass.
     max_cases: stop after this many cases.
     progress: optional ``progress(row)`` called after each case.
+    refine, brain_mask, min_size_ml: the postprocessing (:func:`evaluate_case`).
 
   Returns:
     :func:`summarize` of the rows, with ``"cases"`` (the rows) added.
@@ -137,16 +175,69 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
       break
     row, _, _ = evaluate_case(model, case, threshold=threshold,
                               connectivity=connectivity, overlap=overlap,
-                              min_overlap=min_overlap, batch_size=batch_size)
+                              min_overlap=min_overlap, batch_size=batch_size,
+                              refine=refine, brain_mask=brain_mask,
+                              min_size_ml=min_size_ml)
     rows.append(row)
     if progress is not None:
       progress(row)
   result = summarize(rows)
   result.update(threshold=float(threshold), connectivity=int(connectivity),
                 overlap=overlap, min_overlap=float(min_overlap) if overlap != "any"
-                else None)
+                else None, refine=bool(refine), brain_mask=bool(brain_mask),
+                min_size_ml=float(min_size_ml))
   result["cases"] = rows
   return result
+
+
+def choose_postprocessing(model, cases, *, threshold: float = 0.5,
+                          connectivity: int = 26, batch_size: int = 8,
+                          refine: bool = False, brain_mask: bool = False) -> dict:
+  """The smallest component size to keep, chosen on ``cases`` (the validation split)
+  with ``sean_jax.clinical.postprocess.choose_min_size``, as nnU-Net chooses its
+  postprocessing; returns what ``postprocess.save_postprocessing`` stores."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
+  model = nnx.clone(model)
+  model.eval()
+  segmented = []
+  for case in _cases_of(cases):
+    pred, _, _, _ = segment_case(model, case, threshold=threshold, refine=refine,
+                                 brain_mask=brain_mask, batch_size=batch_size)
+    segmented.append((pred, np.asarray(case["mask"]) != 0, _case_spacing(case)))
+  if not segmented:
+    raise ValueError("no cases to choose the postprocessing on")
+  best, table = postprocess.choose_min_size(segmented, connectivity=connectivity)
+  return {"min_ml": float(best), "candidates": table, "threshold": float(threshold),
+          "connectivity": int(connectivity), "refine": bool(refine),
+          "brain_mask": bool(brain_mask), "num_cases": len(segmented)}
+
+
+def postprocess_settings(workdir, config, *, refine=None, brain_mask=None,
+                         min_size_ml=None) -> dict:
+  """What evaluate and predict do after the model, from the run's config and the
+  workdir's ``postprocessing.json`` unless given: ``{"refine", "brain_mask",
+  "min_size_ml", "min_size_from"}``. Raises ``CliError`` for a corrupt file."""
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
+  align = config.get("align") or {}
+  post = config.get("postprocess") or {}
+  settings = {"refine": bool(align.get("refine", True)) if refine is None else refine,
+              "brain_mask": bool(post.get("brain_mask", True)) if brain_mask is None
+              else brain_mask}
+  if min_size_ml is not None:
+    settings.update(min_size_ml=float(min_size_ml), min_size_from="--min-size-ml")
+    return settings
+  try:
+    chosen = postprocess.load_postprocessing(workdir)
+  except ValueError as e:
+    raise CliError(_one_line(e)) from None
+  if chosen is None:
+    settings.update(min_size_ml=0.0, min_size_from="none chosen (no postprocessing.json)")
+  else:
+    settings.update(min_size_ml=float(chosen["min_ml"]),
+                    min_size_from=f"postprocessing.json (validation split, step "
+                                  f"{chosen.get('step', '?')})")
+  return settings
 
 
 def _mean(values):
@@ -294,7 +385,28 @@ def _parse(argv):
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-cases", type=int, default=None)
   p.add_argument("--output", default=None, help="JSON file to write (default: see doc)")
+  p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                 help="symmetry refinement of the pose (default: the run's "
+                      "config.align.refine)")
+  p.add_argument("--brain-mask", action=argparse.BooleanOptionalAction, default=None,
+                 help="keep predictions inside the brain (default: the run's "
+                      "config.postprocess.brain_mask)")
+  p.add_argument("--min-size-ml", type=float, default=None,
+                 help="remove predicted components below this size (default: the "
+                      "workdir's postprocessing.json, else 0)")
+  p.add_argument("--choose-postprocessing", action="store_true",
+                 help="choose the component size on the validation split, write "
+                      "postprocessing.json to the workdir, then evaluate with it")
   args = p.parse_args(argv)
+  if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
+    p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
+  if args.choose_postprocessing:
+    if args.data is not None or args.split not in (None, "validation"):
+      p.error("--choose-postprocessing chooses on the validation split: use it with "
+              "--split validation (or no --split)")
+    if args.min_size_ml is not None:
+      p.error("give --choose-postprocessing or --min-size-ml, not both")
+    args.split = "validation"
   if args.data is not None and args.split is not None:
     p.error("give --split or --data, not both")
   if args.lesion_labels is not None and args.data is None:
@@ -373,16 +485,21 @@ def warn_if_not_hu_model(config) -> None:
           file=sys.stderr)
 
 
-def _source(config, args):
+def _source(config, args, brain_mask: bool):
   from sean_jax.data import sources  # pylint: disable=g-import-not-at-top
   try:
     if args.data is not None:
       return sources.NiftiCaseSource(args.data, lesion_labels=args.lesion_labels,
                                       image_size=config.data.image_size,
-                                      window=tuple(config.data.hu_window))
-    return sources.case_source(config, args.split)
+                                      window=tuple(config.data.hu_window),
+                                      brain_mask=brain_mask)
+    return sources.case_source(config, args.split, brain_mask=brain_mask)
   except (FileNotFoundError, ValueError) as e:
     raise CliError(_one_line(e)) from None
+
+
+def _first(source, num: int):
+  return (source[i] for i in range(num))
 
 
 def _default_output(args) -> Path:
@@ -405,7 +522,10 @@ def run(args) -> int:
     checkpoint = "latest (no best checkpoint)"
   if args.config is not None:
     config = _override_data(config, args.config)
-  source = _source(config, args)
+  settings = postprocess_settings(args.workdir, config, refine=args.refine,
+                                  brain_mask=args.brain_mask,
+                                  min_size_ml=args.min_size_ml)
+  source = _source(config, args, settings["brain_mask"])
   output = Path(args.output) if args.output else _default_output(args)
   if not output.parent.is_dir():
     raise CliError(f"{output.parent}: output directory not found")
@@ -413,8 +533,26 @@ def run(args) -> int:
   if args.data is not None:
     warn_if_not_hu_model(config)
   num = len(source) if args.max_cases is None else min(len(source), args.max_cases)
+  if args.choose_postprocessing:
+    from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
+    print(f"choosing the postprocessing on {what}: {num} cases", flush=True)
+    try:
+      chosen = choose_postprocessing(model, _first(source, num), threshold=args.threshold,
+                                     connectivity=args.connectivity,
+                                     batch_size=args.batch_size,
+                                     refine=settings["refine"],
+                                     brain_mask=settings["brain_mask"])
+      chosen.update(step=int(step), checkpoint=checkpoint, split="validation")
+      path = postprocess.save_postprocessing(args.workdir, chosen)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise CliError(_one_line(e)) from None
+    print(f"chose min component size {chosen['min_ml']:g} ml; wrote {path}")
+    settings.update(min_size_ml=chosen["min_ml"],
+                    min_size_from=f"postprocessing.json (validation split, step {step})")
   print(f"evaluating {args.workdir} ({config.variant}, step {step}, {checkpoint}) on "
-        f"{what}: {num} cases", flush=True)
+        f"{what}: {num} cases; refine {'on' if settings['refine'] else 'off'}, brain "
+        f"mask {'on' if settings['brain_mask'] else 'off'}, min component "
+        f"{settings['min_size_ml']:g} ml ({settings['min_size_from']})", flush=True)
 
   def progress(row):
     extra = "" if row["rot_err_deg"] is None else \
@@ -427,7 +565,10 @@ def run(args) -> int:
     result = evaluate_cases(model, source, threshold=args.threshold,
                             connectivity=args.connectivity, overlap=args.overlap,
                             min_overlap=args.min_overlap, batch_size=args.batch_size,
-                            max_cases=args.max_cases, progress=progress)
+                            max_cases=args.max_cases, progress=progress,
+                            refine=settings["refine"],
+                            brain_mask=settings["brain_mask"],
+                            min_size_ml=settings["min_size_ml"])
   except (FileNotFoundError, ValueError) as e:
     raise CliError(_one_line(e)) from None
   rows = result.pop("cases")
@@ -436,7 +577,7 @@ def run(args) -> int:
       "split": args.split, "data": None if args.data is None else
       os.path.abspath(args.data), "data_source": "nifti" if args.data else
       str(config.data.source), "checkpoint": checkpoint, "step": int(step),
-      "image_size": int(config.data.image_size),
+      "image_size": int(config.data.image_size), "postprocessing": settings,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "metrics": result, "cases": rows}

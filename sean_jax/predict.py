@@ -1,27 +1,38 @@
 """Segments acute infarcts on NCCT volumes with a trained workdir.
 
     python -m sean_jax.predict --workdir DIR --input scan.nii.gz --output mask.nii.gz
-        [--transform pose.json] [--aligned aligned.nii.gz]
+        [--transform pose.json] [--aligned aligned.nii.gz] [--report report.json]
         [--probabilities probs.nii.gz] [--overlay overlay.png]
         [--checkpoint latest|best] [--threshold 0.5] [--batch-size 8]
+        [--[no-]refine] [--[no-]brain-mask] [--min-size-ml ML]
+
+    python -m sean_jax.predict --workdir DIR --input DICOM_DIR [--series UID] --output mask.nii.gz ...
 
     python -m sean_jax.predict --workdir DIR --input IN_DIR --output OUT_DIR
-        [--transform] [--aligned] [--probabilities] [--overlay] ...
+        [--transform] [--aligned] [--probabilities] [--overlay] [--report] ...
 
 Pipeline, per volume (docs/evaluation.md has the details):
 
-1. read with ``sean_jax.data.nifti.load_volume`` (validated; values that do not look like
-   HU give a warning) into model orientation (S, H, W);
-2. ``preprocess.window_and_normalize`` with the run's ``config.data.hu_window``, on the
-   input grid;
-3. if (H, W) is not the model's ``config.data.image_size`` squared: in-plane resize with
-   ``preprocess.resize_volume`` (linear, antialiased: ``jax.image.resize(..., "linear")``'s
-   convention, the resize the model was trained with);
-4. ``segment_volume`` (alignment, segmentation, back to the unaligned grid);
-5. the probabilities are resized back to (H, W) the same way, and the mask is
-   ``probability > threshold`` on the input grid;
-6. outputs in the input file's own shape, axis order, affine and header
-   (``nifti.save_like``): mask uint8 0/1, probabilities float32.
+1. read into model orientation (S, H, W): a NIfTI file with ``sean_jax.data.nifti``, or
+   a folder holding one DICOM CT series with ``sean_jax.data.dicom.load_series``
+   (slices ordered along the slice normal, rescale slope/intercept applied, gantry tilt
+   refused; ``--series UID`` picks one of several);
+2. ``preprocess.fix_hu_conventions`` (scanner padding, +1024 storage, air stored as 0:
+   fixed, with a note) and ``preprocess.check_head_ct`` (no head, too few slices,
+   values that are not CT: refused);
+3. ``preprocess.window_and_normalize`` with the run's ``config.data.hu_window``, and,
+   if (H, W) is not the model's ``config.data.image_size`` squared, an in-plane resize
+   (linear, antialiased: the resize the model was trained with);
+4. ``segment_volume``: alignment net, then (``--refine``, default the run's
+   ``config.align.refine``) the symmetry refinement of the pose, segmentation, back to
+   the unaligned grid;
+5. the probabilities are resized back to (H, W) the same way; the mask is
+   ``probability > threshold``, kept inside the brain mask (``--brain-mask``, default
+   the run's ``config.postprocess.brain_mask``; ``sean_jax.clinical.brain``), and its
+   components below ``--min-size-ml`` (default: the workdir's ``postprocessing.json``,
+   chosen on the validation split at the end of training; else 0) removed;
+6. outputs in the input's own shape, axis order and affine (``nifti.save_like``; for
+   DICOM the affine dcm2niix would give): mask uint8 0/1, probabilities float32.
 
 ``--transform``: JSON with the estimated pose under the phantom's ground-truth keys
 (``rotation_deg``, ``shift_x_px``, ``shift_y_px``: ``sampler.alpha_to_pose`` with the
@@ -30,13 +41,20 @@ input's in-plane size, so pixels are input pixels), plus ``alpha`` and context.
 (bilinear, air outside), saved with the input's header: the mid-sagittal plane lies on
 the centre column of the model orientation (patient left-right axis). Integer inputs are
 stored as int16, others as float32. ``--overlay``: PNG of up to 6 slices in the HU
-window with the predicted outline (red) and the estimated midline (cyan, dashed).
+window with the predicted outline (red), the estimated midline (cyan, dashed) and the
+patient's R and L. ``--report``: JSON with ``lesion_ml``, ``lesion_ml_left``,
+``lesion_ml_right`` (the patient's sides, across the estimated mid-sagittal plane),
+``side`` (left, right, bilateral or none: ``sean_jax.clinical.report``), the number of
+components, the brain volume, the pose, the postprocessing, the input (path, DICOM
+series, shape, axis codes, spacing, HU fixes) and the model.
 
-With ``--input`` a folder, every ``*.nii``/``*.nii.gz`` in it is segmented (files whose
-name ends in ``_mask``, ``_probabilities`` or ``_aligned`` are skipped) and ``--output``
-is an existing folder receiving ``<name>_mask.nii.gz`` and, for the switches given,
-``<name>_pose.json``, ``<name>_aligned.nii.gz``, ``<name>_probabilities.nii.gz``,
-``<name>_overlay.png`` (``<name>``: the file name without ``.nii[.gz]``).
+With ``--input`` a folder of NIfTI files, every ``*.nii``/``*.nii.gz`` in it is
+segmented (files whose name ends in ``_mask``, ``_probabilities`` or ``_aligned`` are
+skipped) and ``--output`` is an existing folder receiving ``<name>_mask.nii.gz`` and, for
+the switches given, ``<name>_pose.json``, ``<name>_aligned.nii.gz``,
+``<name>_probabilities.nii.gz``, ``<name>_overlay.png``, ``<name>_report.json``
+(``<name>``: the file name without ``.nii[.gz]``). A folder holding DICOM files is one
+series (one volume), not a folder of volumes.
 
 All outputs of a volume are written to temporary files beside their destinations and
 renamed once all are written; on any error the temporary files are removed, so no
@@ -49,22 +67,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
+from sean_jax import metrics
+from sean_jax.clinical import report
+
 __all__ = ["predict_volume", "aligned_on_input_grid", "main"]
 
-OUTPUT_KINDS = ("transform", "aligned", "probabilities", "overlay")
+OUTPUT_KINDS = ("transform", "aligned", "probabilities", "overlay", "report")
 _SUFFIX = {"mask": "_mask.nii.gz", "transform": "_pose.json",
            "aligned": "_aligned.nii.gz", "probabilities": "_probabilities.nii.gz",
-           "overlay": "_overlay.png"}
+           "overlay": "_overlay.png", "report": "_report.json"}
 _SKIP_STEMS = ("_mask", "_probabilities", "_aligned")
 POSE_CONVENTION = ("sean_jax.models.sampler.warp(ct, pose_to_alpha(pose)) aligns the head "
                    "(mid-sagittal plane on the centre column); pixels of the input grid "
@@ -83,14 +102,22 @@ def _one_line(text) -> str:
 
 
 def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
-                   batch_size: int = 8) -> dict:
-  """Runs the model on one (S, H, W) volume in HU (model orientation).
+                   batch_size: int = 8, spacing_mm=None, refine: bool = False,
+                   brain_mask: bool = False, min_size_ml: float = 0.0) -> dict:
+  """Runs the model on one (S, H, W) volume in HU (model orientation, HU conventions
+  already fixed: ``preprocess.fix_hu_conventions``).
 
-  Returns ``{"probabilities": (S, H, W) float32 on the input grid, "mask": uint8 0/1,
-  "alpha": (3,) float64 (zeros without an aligner), "model_size": int,
-  "resized": bool}``. ``model`` must be in eval mode.
+  ``refine``: symmetry refinement of the pose; ``brain_mask``: the mask is kept inside
+  ``sean_jax.clinical.brain.brain_mask`` of the volume; ``min_size_ml``: components
+  below it are removed (``spacing_mm`` (slice, row, col) needed).
+  Returns ``{"probabilities": (S, H, W) float32 on the input grid, "mask": uint8 0/1
+  (postprocessed), "brain": (S, H, W) bool or None, "alpha": (3,) float64 (zeros
+  without an aligner), "model_size": int, "resized": bool}``. ``model`` must be in eval
+  mode.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sean_jax.clinical import brain as brain_lib  # pylint: disable=g-import-not-at-top
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
   from sean_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from sean_jax.models.sean import segment_volume  # pylint: disable=g-import-not-at-top
 
@@ -105,32 +132,23 @@ def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
     image = preprocess.resize_volume(image, (size, size))
   weights = preprocess.brain_slice_weights(image)
   probs, alpha = segment_volume(model, jnp.asarray(image), jnp.asarray(weights),
-                                batch_size=batch_size)
+                                batch_size=batch_size, refine=refine)
   probs = np.asarray(probs, np.float32)
   if resized:
     probs = preprocess.resize_volume(probs, (height, width))
   probs = np.clip(probs, 0.0, 1.0)
-  return {"probabilities": probs, "mask": (probs > threshold).astype(np.uint8),
+  mask = probs > threshold
+  brain = None
+  if brain_mask:
+    brain = brain_lib.brain_mask(volume_hu, spacing_mm)
+    mask &= brain
+  if min_size_ml > 0:
+    if spacing_mm is None:
+      raise ValueError("a minimum component size in ml needs the voxel spacing")
+    mask = postprocess.remove_small_components(mask, min_size_ml, spacing_mm) != 0
+  return {"probabilities": probs, "mask": mask.astype(np.uint8), "brain": brain,
           "alpha": np.asarray(alpha, np.float64), "model_size": size,
           "resized": resized}
-
-
-def _input_grid_matrix(alpha, height: int, width: int):
-  """(2x2 matrix, offset) on (row, col) pixel coordinates of the input grid that apply
-  ``alpha`` (estimated on the square model grid) to the input grid.
-
-  On the model grid (n x n, centre c) ``q - c = R (p - c) + t_px``; the input grid is
-  the model grid scaled by ``D = diag(W / n, H / n)`` about the centres (half-pixel
-  convention), so there ``q - c' = D R D^-1 (p - c') + (tx W / 2, ty H / 2)``: rigid
-  for a square input, otherwise the same map seen through the anisotropic resize.
-  """
-  theta, tx, ty = (float(a) for a in alpha)
-  cos, sin = math.cos(theta), math.sin(theta)
-  # (row, col) order; D R D^-1 in (x, y) is [[cos, -sin W/H], [sin H/W, cos]].
-  matrix = np.array([[cos, sin * height / width], [-sin * width / height, cos]])
-  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
-  shift = np.array([ty * height / 2.0, tx * width / 2.0])
-  return matrix, centre - matrix @ centre + shift
 
 
 def aligned_on_input_grid(volume, alpha, fill=None) -> np.ndarray:
@@ -140,7 +158,7 @@ def aligned_on_input_grid(volume, alpha, fill=None) -> np.ndarray:
   volume = np.asarray(volume, np.float32)
   _, height, width = volume.shape
   fill = float(volume.min()) if fill is None else float(fill)
-  matrix2, offset2 = _input_grid_matrix(alpha, height, width)
+  matrix2, offset2 = report.input_grid_map(alpha, height, width)
   matrix = np.eye(3)
   matrix[1:, 1:] = matrix2
   offset = np.concatenate([[0.0], offset2])
@@ -151,7 +169,7 @@ def aligned_on_input_grid(volume, alpha, fill=None) -> np.ndarray:
 def _midline(alpha, height: int, width: int):
   """Two (x, y) input-grid points of the estimated mid-sagittal line (the input points
   the aligned image's centre column comes from)."""
-  matrix, offset = _input_grid_matrix(alpha, height, width)
+  matrix, offset = report.input_grid_map(alpha, height, width)
   cx = (width - 1) / 2.0
   pts = [matrix @ np.array([y, cx]) + offset for y in (-0.5, height - 0.5)]
   return [p[1] for p in pts], [p[0] for p in pts]
@@ -187,6 +205,10 @@ def save_overlay(path, volume_hu, mask, alpha, window, title: str,
       ax.plot(xs, ys, "--", color="cyan", linewidth=0.6)
       ax.set_xlim(-0.5, width - 0.5)
       ax.set_ylim(height - 0.5, -0.5)
+    # Model orientation: column 0 is the patient's right (radiological display).
+    for x, label in ((0.02, "R"), (0.98, "L")):
+      ax.text(x, 0.5, label, transform=ax.transAxes, color="yellow", fontsize=9,
+              ha="left" if label == "R" else "right", va="center")
     ax.set_title(f"slice {s}", color="white", fontsize=8)
     ax.set_axis_off()
   fig.suptitle(title, color="white", fontsize=8)
@@ -263,16 +285,49 @@ def write_outputs(paths: dict, vol, result: dict, config, *, meta: dict) -> None
       with open(outputs.temp(paths["transform"], ".json"), "w") as f:
         json.dump(pose, f, indent=1, allow_nan=False)
         f.write("\n")
+    if paths.get("report"):
+      with open(outputs.temp(paths["report"], ".json"), "w") as f:
+        json.dump(build_report(vol, result, meta), f, indent=1, allow_nan=False)
+        f.write("\n")
     if paths.get("overlay"):
       save_overlay(outputs.temp(paths["overlay"], ".png"), vol.data, result["mask"],
                    alpha, tuple(config.data.hu_window),
                    f"{os.path.basename(vol.path)}: predicted infarct (red)"
+                   + ", patient's right R / left L"
                    + (", estimated midline (cyan)" if meta["aligner"] else ""),
                    show_midline=meta["aligner"])
     outputs.commit()
   except BaseException:
     outputs.rollback()
     raise
+
+
+def build_report(vol, result: dict, meta: dict) -> dict:
+  """The ``--report`` JSON of one volume: lesion volume per hemisphere and side
+  (``sean_jax.clinical.report``), the pose, the postprocessing, and where the input
+  and the model came from."""
+  from sean_jax import metrics  # pylint: disable=g-import-not-at-top
+  from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
+  _, height, width = vol.data.shape
+  out = report.lesion_summary(result["mask"], result["alpha"], vol.spacing_mm)
+  out["num_components"] = int(metrics.label_components(result["mask"])[1])
+  if result.get("brain") is not None:
+    out["brain_ml"] = float(np.count_nonzero(result["brain"])
+                            * np.prod(vol.spacing_mm) / 1000.0)
+  pose = alpha_to_pose(result["alpha"], height, width)
+  out["pose"] = dict(pose, alpha=[float(a) for a in result["alpha"]],
+                     estimated=bool(meta["aligner"]), convention=POSE_CONVENTION)
+  source = dict(vol.source or {})
+  out["input"] = {"path": os.path.abspath(vol.path),
+                  "kind": "dicom" if source else "nifti", **source,
+                  "shape": list(vol.data.shape), "axcodes": list(vol.axcodes),
+                  "spacing_mm": [float(v) for v in vol.spacing_mm],
+                  "hu_notes": list(meta.get("hu_notes", []))}
+  out["model"] = {"workdir": meta["workdir"], "checkpoint_step": meta["step"],
+                  "variant": meta["variant"],
+                  "model_image_size": int(result["model_size"])}
+  out["postprocessing"] = dict(meta["postprocessing"], threshold=meta["threshold"])
+  return out
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -286,9 +341,14 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _parse(argv):
   p = _ArgumentParser(prog="python -m sean_jax.predict",
-                      description="Segment acute infarcts on NCCT NIfTI volumes (HU).")
+                      description="Segment acute infarcts on NCCT volumes: NIfTI "
+                                  "files or a DICOM series.")
   p.add_argument("--workdir", required=True, help="training workdir")
-  p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder")
+  p.add_argument("--input", required=True,
+                 help="a .nii/.nii.gz volume, a folder of them, or a folder holding a "
+                      "DICOM CT series")
+  p.add_argument("--series", default=None,
+                 help="SeriesInstanceUID to read when the DICOM folder holds several")
   p.add_argument("--output", required=True,
                  help="mask .nii/.nii.gz (or, for a folder input, an existing folder)")
   p.add_argument("--transform", nargs="?", const=True, default=None,
@@ -299,6 +359,18 @@ def _parse(argv):
                  help="float32 probabilities .nii.gz (a switch for a folder input)")
   p.add_argument("--overlay", nargs="?", const=True, default=None,
                  help="PNG of a few slices with the outline (a switch for a folder input)")
+  p.add_argument("--report", nargs="?", const=True, default=None,
+                 help="JSON report: lesion ml per hemisphere, side, pose, input (a "
+                      "switch for a folder input)")
+  p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                 help="symmetry refinement of the pose (default: the run's "
+                      "config.align.refine)")
+  p.add_argument("--brain-mask", action=argparse.BooleanOptionalAction, default=None,
+                 help="keep predictions inside the brain (default: the run's "
+                      "config.postprocess.brain_mask)")
+  p.add_argument("--min-size-ml", type=float, default=None,
+                 help="remove predicted components below this size (default: the "
+                      "workdir's postprocessing.json, else 0)")
   p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
   p.add_argument("--threshold", type=float, default=0.5)
   p.add_argument("--batch-size", type=int, default=8)
@@ -307,7 +379,13 @@ def _parse(argv):
     p.error(f"--threshold must lie in [0, 1), got {args.threshold}")
   if args.batch_size < 1:
     p.error("--batch-size must be >= 1")
-  args.folder = os.path.isdir(args.input)
+  if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
+    p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
+  from sean_jax.data import dicom  # pylint: disable=g-import-not-at-top
+  args.dicom = dicom.is_dicom_dir(args.input)
+  args.folder = os.path.isdir(args.input) and not args.dicom
+  if args.series is not None and not args.dicom:
+    p.error("--series picks a series of a DICOM folder --input")
   for kind in OUTPUT_KINDS:
     value = getattr(args, kind)
     if args.folder and isinstance(value, str):
@@ -318,7 +396,7 @@ def _parse(argv):
   if not args.folder:
     wanted = {"output": (".nii", ".nii.gz"), "aligned": (".nii", ".nii.gz"),
               "probabilities": (".nii", ".nii.gz"), "transform": (".json",),
-              "overlay": (".png",)}
+              "overlay": (".png",), "report": (".json",)}
     for kind, suffixes in wanted.items():
       value = getattr(args, kind)
       if isinstance(value, str) and not value.lower().endswith(suffixes):
@@ -380,38 +458,55 @@ def _jobs(args) -> list[tuple[str, dict]]:
   return jobs
 
 
-def _load(path):
-  """``nifti.load_volume`` with its warnings printed as one line each."""
-  from sean_jax.data import nifti  # pylint: disable=g-import-not-at-top
+def _load(path, series_uid=None):
+  """The input volume (NIfTI file or DICOM series) with its HU conventions fixed and
+  checked as a head CT: (volume, notes). Warnings and notes print as one line each."""
+  # pylint: disable=g-import-not-at-top
+  from sean_jax.data import dicom, nifti, preprocess
+  # pylint: enable=g-import-not-at-top
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    vol = nifti.load_volume(path)
+    if os.path.isdir(path):
+      vol = dicom.load_series(path, series_uid)
+    else:
+      vol = nifti.load_volume(path, expect_hu=False)
   for w in caught:
     print(f"warning: {_one_line(w.message)}", file=sys.stderr)
-  return vol
+  vol.data, notes = preprocess.fix_hu_conventions(vol.data)
+  for note in notes:
+    print(f"note: {path}: {note}", file=sys.stderr)
+  preprocess.check_head_ct(vol.data, path)
+  return vol, notes
 
 
 def run(args) -> int:
   # pylint: disable=g-import-not-at-top
-  from sean_jax import evaluate, metrics
+  from sean_jax import evaluate
   from sean_jax.data import nifti
   from sean_jax.models.sampler import alpha_to_pose
   # pylint: enable=g-import-not-at-top
   jobs = _jobs(args)
   try:
     model, config, step = evaluate.load_workdir_model(args.workdir, args.checkpoint)
+    settings = evaluate.postprocess_settings(args.workdir, config, refine=args.refine,
+                                             brain_mask=args.brain_mask,
+                                             min_size_ml=args.min_size_ml)
   except evaluate.CliError as e:
     raise CliError(str(e)) from None
   evaluate.warn_if_not_hu_model(config)
   meta = {"aligner": model.aligner is not None, "step": int(step),
-          "workdir": os.path.abspath(args.workdir), "variant": str(config.variant)}
+          "workdir": os.path.abspath(args.workdir), "variant": str(config.variant),
+          "postprocessing": settings, "threshold": float(args.threshold)}
   failures = 0
   for path, paths in jobs:
     start = time.perf_counter()
     try:
-      vol = _load(path)
+      vol, meta["hu_notes"] = _load(path, args.series)
       result = predict_volume(model, config, vol.data, threshold=args.threshold,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, spacing_mm=vol.spacing_mm,
+                              refine=settings["refine"] and meta["aligner"],
+                              brain_mask=settings["brain_mask"],
+                              min_size_ml=settings["min_size_ml"])
       write_outputs(paths, vol, result, config, meta=meta)
     except (nifti.InputError, ValueError, OSError) as e:
       message = _one_line(e)
@@ -422,17 +517,19 @@ def run(args) -> int:
       if not args.folder:
         return 1
       continue
-    mask = result["mask"]
-    ml = float(mask.sum()) * float(np.prod(vol.spacing_mm)) / 1000.0
-    n_comp = metrics.label_components(mask)[1]
+    summary = report.lesion_summary(result["mask"], result["alpha"], vol.spacing_mm)
+    n_comp = metrics.label_components(result["mask"])[1]
     pose = ""
     if meta["aligner"]:
       pp = alpha_to_pose(result["alpha"], *vol.data.shape[1:])
       pose = (f", pose {pp['rotation_deg']:+.1f} deg, x {pp['shift_x_px']:+.1f} px, "
               f"y {pp['shift_y_px']:+.1f} px")
-    print(f"{path}: {mask.shape} {'/'.join(vol.axcodes)}, {ml:.2f} ml predicted in "
-          f"{n_comp} component(s){pose}; wrote {', '.join(paths.values())} "
-          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"{path}: {result['mask'].shape} {'/'.join(vol.axcodes)}, "
+          f"{summary['lesion_ml']:.2f} ml predicted in {n_comp} component(s) "
+          f"(left {summary['lesion_ml_left']:.2f}, right "
+          f"{summary['lesion_ml_right']:.2f}: {summary['side']}){pose}; wrote "
+          f"{', '.join(paths.values())} ({time.perf_counter() - start:.1f} s)",
+          flush=True)
   if failures:
     print(f"error: {failures} of {len(jobs)} volumes failed", file=sys.stderr)
     return 1

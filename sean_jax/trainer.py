@@ -168,7 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   check_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   train_source = sources.case_source(config, "train")
-  val_source = sources.case_source(config, "validation")
+  post = evaluate.postprocess_settings(workdir, config, min_size_ml=0.0)
+  val_source = sources.case_source(config, "validation", brain_mask=post["brain_mask"])
   align_steps, seg_steps = stage_lengths(config, train_source)
   total_steps = align_steps + seg_steps
 
@@ -204,7 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   def evaluate_now(at_step):
     nonlocal best_dice
     model = _host_model(graphdef, state)
-    result = evaluate.evaluate_cases(model, pipeline.make_eval_cases(val_source))
+    result = evaluate.evaluate_cases(model, pipeline.make_eval_cases(val_source),
+                                     refine=post["refine"],
+                                     brain_mask=post["brain_mask"])
     result.pop("cases", None)
     log.write({"step": at_step, "eval": result, "split": "validation"})
     dice = result.get("dice_case_mean", float("nan"))
@@ -260,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       align_fn = None
       if config.model.align:
         # A copy: the train state's buffers are donated to the next step.
-        align_fn = pipeline.alignment_hook(_host_model(graphdef, state).aligner)
+        align_fn = pipeline.alignment_hook(_host_model(graphdef, state).aligner,
+                                           refine=post["refine"])
       run_stage("segment", pipeline.make_train_iterator(
           train_source, batch_size=config.batch_size,
           slab_slices=config.model.slab_slices, seed=config.seed,
@@ -275,6 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       save(step)
       result = evaluate_now(step)
       if is_chief:
+        _choose_postprocessing(_host_model(graphdef, state), val_source, post, step,
+                               workdir)
         plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
         plots.validation_slices(_host_model(graphdef, state), val_source,
                                 workdir / "validation_slices.png")
@@ -286,6 +292,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
   return result
+
+
+def _choose_postprocessing(model, val_source, post: dict, step: int, workdir) -> None:
+  """Chooses the smallest component to keep on the validation split (as nnU-Net does)
+  and stores it in ``workdir/postprocessing.json`` for evaluate and predict."""
+  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
+  chosen = evaluate.choose_postprocessing(model, pipeline.make_eval_cases(val_source),
+                                          refine=post["refine"],
+                                          brain_mask=post["brain_mask"])
+  chosen.update(step=int(step), checkpoint="latest", split="validation")
+  path = postprocess.save_postprocessing(workdir, chosen)
+  print(f"postprocessing: components below {chosen['min_ml']:g} ml removed "
+        f"(chosen on {chosen['num_cases']} validation cases; {path})", flush=True)
 
 
 def _host_model(graphdef, state):

@@ -80,7 +80,7 @@ def test_evaluate_cases_aggregates(model, monkeypatch):
   preds = iter(fake_predictions())
   est_alpha = np.array([0.25, -0.05, 0.05], np.float32)
   monkeypatch.setattr(sean, "segment_volume",
-                      lambda m, v, w, batch_size=8: (next(preds), est_alpha))
+                      lambda m, v, w, batch_size=8, refine=False: (next(preds), est_alpha))
   cases = fake_cases()
   result = evaluate.evaluate_cases(model, cases)
   p = [x > 0.5 for x in fake_predictions()]
@@ -116,7 +116,7 @@ def test_evaluate_cases_threshold_and_options(model, monkeypatch):
   from sean_jax.models import sean
   preds = iter(fake_predictions())
   monkeypatch.setattr(sean, "segment_volume",
-                      lambda m, v, w, batch_size=8: (next(preds), np.zeros(3)))
+                      lambda m, v, w, batch_size=8, refine=False: (next(preds), np.zeros(3)))
   result = evaluate.evaluate_cases(model, fake_cases(), threshold=0.4,
                                    overlap="fraction", min_overlap=0.6)
   # At 0.4 case c's prediction counts; lesion 1 of case a is only half covered.
@@ -134,7 +134,7 @@ def test_no_alignment_error_without_aligner(monkeypatch):
   assert m.aligner is None
   preds = iter(fake_predictions())
   monkeypatch.setattr(sean, "segment_volume",
-                      lambda m, v, w, batch_size=8: (next(preds), np.zeros(3)))
+                      lambda m, v, w, batch_size=8, refine=False: (next(preds), np.zeros(3)))
   result = evaluate.evaluate_cases(m, fake_cases())
   assert result["rot_err_deg"] is None and result["num_posed_cases"] == 0
 
@@ -191,7 +191,8 @@ def test_cli_config_split(workdir, capsys):
 def test_cli_nifti_folder_pose_error(workdir, phantom_dir, tmp_path, capsys):
   out = tmp_path / "e.json"
   assert evaluate.main(["--workdir", str(workdir), "--data", str(phantom_dir),
-                        "--output", str(out), "--connectivity", "6"]) == 0
+                        "--output", str(out), "--connectivity", "6",
+                        "--no-refine"]) == 0
   report = json.loads(out.read_text())
   assert report["split"] is None and report["data"] == str(phantom_dir)
   assert report["metrics"]["num_cases"] == 3
@@ -203,6 +204,12 @@ def test_cli_nifti_folder_pose_error(workdir, phantom_dir, tmp_path, capsys):
     want = abs((math.degrees(ALPHA[0]) - truth["rotation_deg"] + 180) % 360 - 180)
     assert row["rot_err_deg"] == pytest.approx(want, abs=1e-3)
   assert "Alignment error over 3 cases" in capsys.readouterr().out
+  # The symmetry refinement is on by default (its accuracy: tests/test_refine.py).
+  assert evaluate.main(["--workdir", str(workdir), "--data", str(phantom_dir),
+                        "--output", str(out)]) == 0
+  refined = json.loads(out.read_text())
+  assert refined["postprocessing"]["refine"] and refined["postprocessing"]["brain_mask"]
+  assert refined["cases"][0]["alpha"] != pytest.approx(list(ALPHA), abs=1e-4)
 
 
 def test_cli_default_output_for_data(workdir, phantom_dir):

@@ -69,11 +69,14 @@ def test_all_outputs(workdir, scans, tmp_path, capsys):
   from sean_jax.models import sampler
   out = {k: tmp_path / n for k, n in (("mask", "m.nii.gz"), ("pose", "pose.json"),
                                      ("aligned", "al.nii.gz"), ("probs", "p.nii"),
-                                     ("overlay", "o.png"))}
+                                     ("overlay", "o.png"), ("report", "r.json"))}
+  # The pose the aligner was set to, and the raw threshold: no refinement, no brain mask
+  # (both are tested below).
   code, stdout, err = run_predict(
       capsys, "--workdir", workdir, "--input", scans["canonical"], "--output",
       out["mask"], "--transform", out["pose"], "--aligned", out["aligned"],
-      "--probabilities", out["probs"], "--overlay", out["overlay"])
+      "--probabilities", out["probs"], "--overlay", out["overlay"], "--report",
+      out["report"], "--no-refine", "--no-brain-mask")
   assert code == 0, err
   src = nib.load(str(scans["canonical"]))
   for key in ("mask", "aligned", "probs"):
@@ -103,6 +106,17 @@ def test_all_outputs(workdir, scans, tmp_path, capsys):
                                 np.asarray(ALPHA, np.float32)))[..., 0] + lo
   assert np.abs(aligned - ref).max() <= 0.51 + 1e-3 * np.abs(ref).max()
   assert out["overlay"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Report: volumes from the mask and the voxel size, sides across the set pose.
+  rep = json.loads(out["report"].read_text())
+  vol = nifti.load_volume(scans["canonical"])
+  voxel_ml = float(np.prod(vol.spacing_mm)) / 1000.0
+  assert rep["lesion_ml"] == pytest.approx(mask.sum() * voxel_ml)
+  assert rep["lesion_ml_left"] + rep["lesion_ml_right"] == pytest.approx(rep["lesion_ml"])
+  assert rep["side"] in ("left", "right", "bilateral", "none")
+  assert rep["pose"]["alpha"] == pytest.approx(list(ALPHA), abs=1e-6)
+  assert rep["input"]["path"] == str(scans["canonical"].resolve())
+  assert rep["input"]["kind"] == "nifti" and rep["model"]["checkpoint_step"] >= 0
+  assert rep["postprocessing"]["refine"] is False
   assert "wrote" in stdout
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
@@ -118,8 +132,13 @@ def test_mask_agrees_with_evaluate(workdir, scans, tmp_path, capsys):
   source = sources.NiftiCaseSource(scans["dir"], image_size=32,
                                     window=tuple(config.data.hu_window))
   index = source.case_ids.index(scans["case"].case_id)
-  _, probs, _ = evaluate.evaluate_case(model, source[index])
-  np.testing.assert_array_equal(nifti.load_mask(out).data, probs > 0.5)
+  source = sources.NiftiCaseSource(scans["dir"], image_size=32,
+                                    window=tuple(config.data.hu_window), brain_mask=True)
+  settings = evaluate.postprocess_settings(workdir, config)
+  assert settings["refine"] and settings["brain_mask"]  # the defaults
+  pred, _, _, _ = evaluate.segment_case(model, source[index], refine=True,
+                                        brain_mask=True)
+  np.testing.assert_array_equal(nifti.load_mask(out).data, pred)
 
 
 def test_non_canonical_affine(workdir, scans, tmp_path, capsys):
@@ -146,7 +165,7 @@ def test_resampled_input(workdir, scans, tmp_path, capsys):
   pose = tmp_path / "pose.json"
   code, _, err = run_predict(capsys, "--workdir", workdir, "--input", scans["odd"],
                              "--output", m, "--probabilities", p, "--aligned", al,
-                             "--transform", pose)
+                             "--transform", pose, "--no-refine")
   assert code == 0, err
   src = nib.load(str(scans["odd"]))
   for path in (m, p, al):
@@ -244,16 +263,72 @@ def test_bad_inputs(what, workdir, scans, tmp_path, capsys):
   assert os.listdir(out_dir) == []
 
 
-def test_not_hu_is_a_warning(workdir, tmp_path, capsys):
-  inp = helpers.write_nifti(tmp_path / "unit.nii.gz",
-                            np.random.default_rng(0).random((32, 32, 4)),
-                            dtype=np.float32)
+@pytest.mark.parametrize("what,message", [
+    ("unit", "not a CT"), ("air", "no head"), ("one_slice", "1 slice")])
+def test_what_is_not_a_head_ct_is_refused(what, message, workdir, scans, tmp_path,
+                                          capsys):
+  """A volume of air got 89 ml of "infarct", a single slice 7 ml, a 0..1 image was
+  read as HU: each is now one error line naming the file, and no output."""
+  hu = nifti.load_volume(scans["canonical"]).data
+  data = {"unit": np.random.default_rng(0).random((32, 32, 4)),
+          "air": np.full((32, 32, 4), -1000.0),
+          "one_slice": np.transpose(hu, (2, 1, 0))[..., :1]}[what]
+  inp = helpers.write_nifti(tmp_path / f"{what}.nii.gz", data, dtype=np.float32)
   code, _, err = run_predict(capsys, "--workdir", workdir, "--input", inp, "--output",
                              tmp_path / "m.nii.gz")
-  assert code == 0
-  warn = [line for line in err.splitlines() if line.startswith("warning:")]
-  assert len(warn) == 1 and str(inp) in warn[0] and "Hounsfield" in warn[0]
-  assert (tmp_path / "m.nii.gz").exists()
+  lines = error_lines(err)
+  assert code == 1 and len(lines) == 1 and str(inp) in lines[0] and message in lines[0]
+  assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_air_stored_as_zero_is_fixed_and_confined(workdir, scans, tmp_path, capsys):
+  """Air stored as 0 gets a note and the same prediction as the true HU; every
+  predicted voxel lies in the brain mask."""
+  from sean_jax.clinical import brain
+  src = nib.load(str(scans["canonical"]))
+  clipped = helpers.write_nifti(tmp_path / "clipped.nii.gz",
+                                np.maximum(np.asarray(src.dataobj), 0), src.affine,
+                                dtype=np.int16)
+  a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+  code, _, err = run_predict(capsys, "--workdir", workdir, "--input", clipped,
+                             "--output", a, "--threshold", "0.2")
+  assert code == 0, err
+  notes = [line for line in err.splitlines() if line.startswith("note:")]
+  assert len(notes) == 1 and "air stored as 0" in notes[0] and str(clipped) in notes[0]
+  assert run_predict(capsys, "--workdir", workdir, "--input", scans["canonical"],
+                     "--output", b, "--threshold", "0.2")[0] == 0
+  got, ref = nifti.load_mask(a).data, nifti.load_mask(b).data
+  assert np.mean(got != ref) < 0.01
+  vol = nifti.load_volume(scans["canonical"])
+  inside = brain.brain_mask(vol.data, vol.spacing_mm)
+  assert inside.any() and not (ref.astype(bool) & ~inside).any()
+
+
+def test_dicom_series(workdir, scans, tmp_path, capsys):
+  """A DICOM series of the phantom volume: outputs on the series grid, and the same
+  mask as the NIfTI file of the same anatomy; --series picks one of two."""
+  import pydicom  # noqa: F401  (the test extra has it; predict depends on it)
+  vol = nifti.load_volume(scans["canonical"])
+  series = tmp_path / "series"
+  uid = helpers.write_dicom_series(series, vol.data, vol.spacing_mm)
+  out, rep = tmp_path / "m.nii.gz", tmp_path / "r.json"
+  code, _, err = run_predict(capsys, "--workdir", workdir, "--input", series,
+                             "--output", out, "--report", rep)
+  assert code == 0, err
+  img = nib.load(str(out))
+  assert img.shape == (32, 32, 4) and nib.aff2axcodes(img.affine) == ("L", "A", "S")
+  ref = tmp_path / "ref.nii.gz"
+  assert run_predict(capsys, "--workdir", workdir, "--input", scans["canonical"],
+                     "--output", ref)[0] == 0
+  np.testing.assert_array_equal(nifti.load_mask(out).data, nifti.load_mask(ref).data)
+  report = json.loads(rep.read_text())
+  assert report["input"]["kind"] == "dicom" and uid in json.dumps(report["input"])
+  helpers.write_dicom_series(series, vol.data, vol.spacing_mm, name="second")
+  code, _, err = run_predict(capsys, "--workdir", workdir, "--input", series,
+                             "--output", tmp_path / "x.nii.gz")
+  assert code == 1 and uid in err and len(error_lines(err)) == 1
+  assert run_predict(capsys, "--workdir", workdir, "--input", series, "--series", uid,
+                     "--output", tmp_path / "x.nii.gz")[0] == 0
 
 
 def test_failure_while_writing_leaves_nothing(workdir, scans, tmp_path, capsys,

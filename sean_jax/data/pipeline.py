@@ -383,10 +383,11 @@ def make_eval_cases(source, *, shard_index: int = 0, shard_count: int = 1
     yield dict(case, case_index=i)
 
 
-def alignment_hook(net, slice_weights: bool = True):
+def alignment_hook(net, slice_weights: bool = True, refine: bool = False):
   """An ``align_fn`` for :func:`make_train_iterator` from a trained (frozen)
   ``AlignmentNet``: ``align_volume`` under ``jax.jit``, with the brain slices of
-  ``preprocess.brain_slice_weights`` as the slices to trust when ``slice_weights``.
+  ``preprocess.brain_slice_weights`` as the slices to trust when ``slice_weights``,
+  and the symmetry refinement of the pose when ``refine``.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -398,7 +399,8 @@ def alignment_hook(net, slice_weights: bool = True):
 
   @jax.jit
   def run(state, volume, weights):
-    return alignment.align_volume(nnx.merge(graphdef, state), volume, weights)
+    return alignment.align_volume(nnx.merge(graphdef, state), volume, weights,
+                                  refine=refine)
 
   def align_fn(volume, case_index):
     del case_index

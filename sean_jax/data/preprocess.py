@@ -252,7 +252,7 @@ def check_case(case: dict, index: int | None = None) -> None:
 
 def prepare_case(case_id: str, image, mask, *, intensity: str, window=None,
                  lesion_labels: Sequence[int] | None = None, image_size=None,
-                 pose=None, spacing_mm=None) -> dict:
+                 pose=None, spacing_mm=None, brain_mask: bool = False) -> dict:
   """Raw case -> the pipeline's case dict (see the module doc for each step).
 
   Args:
@@ -270,6 +270,9 @@ def prepare_case(case_id: str, image, mask, *, intensity: str, window=None,
       scales, the pose (normalised units) does not change.
     pose: (3,) alpha in the sampler's convention (size independent), or None -> NaN.
     spacing_mm: (slice, row, col) of the raw grid, or None -> NaN.
+    brain_mask: add ``"brain"``, (S, H, W) uint8 0/1, the brain mask of the HU image
+      (``sean_jax.clinical.brain.brain_mask``), resized like the mask; for evaluation.
+      Only for ``intensity="hu"`` (an image that is not HU has none).
   """
   if intensity not in INTENSITY_MODES:
     raise ValueError(f"case {case_id}: intensity must be one of {INTENSITY_MODES}, "
@@ -277,10 +280,15 @@ def prepare_case(case_id: str, image, mask, *, intensity: str, window=None,
   image = np.asarray(image)
   check_case({"case_id": case_id, "image": image, "mask": mask})
   mask = map_labels(mask, lesion_labels, case_id)
+  brain = None
   if intensity == "hu":
     image, notes = fix_hu_conventions(image)
     for note in notes:
       warnings.warn(f"case {case_id}: {note}", UserWarning, stacklevel=2)
+    if brain_mask:
+      from sean_jax.clinical import brain as brain_lib  # pylint: disable=g-import-not-at-top
+      brain = brain_lib.brain_mask(image, None if spacing_mm is None else
+                                   np.asarray(spacing_mm, np.float64).reshape(3))
     kwargs = {} if window is None else {"window": tuple(window)}
     image = window_and_normalize(image, **kwargs)
   else:
@@ -293,11 +301,16 @@ def prepare_case(case_id: str, image, mask, *, intensity: str, window=None,
     spacing[2] *= image.shape[2] / size[1]
     image = resize_volume(image, size)
     mask = (resize_volume(mask.astype(np.float32), size) >= 0.5).astype(np.uint8)
+    if brain is not None:
+      brain = resize_volume(brain.astype(np.float32), size) >= 0.5
   pose = (np.full(3, np.nan, np.float32) if pose is None
           else np.asarray(pose, np.float32).reshape(3))
-  return {"case_id": str(case_id), "image": np.ascontiguousarray(image, np.float32),
+  case = {"case_id": str(case_id), "image": np.ascontiguousarray(image, np.float32),
           "mask": np.ascontiguousarray(mask, np.uint8), "pose": pose,
           "spacing_mm": spacing}
+  if brain is not None:
+    case["brain"] = np.ascontiguousarray(brain, np.uint8)
+  return case
 
 
 def brain_slice_weights(volume_preprocessed, min_fraction: float = 0.05) -> np.ndarray:

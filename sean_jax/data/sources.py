@@ -41,8 +41,9 @@ SPLITS = ("train", "validation", "test")
 AISD_LESION_LABELS = (1, 2, 3, 5)
 
 
-def case_source(config, split: str):
-  """Case source of ``split`` for ``config.data`` (see sean_jax/config.py)."""
+def case_source(config, split: str, *, brain_mask: bool = False):
+  """Case source of ``split`` for ``config.data`` (see sean_jax/config.py); with
+  ``brain_mask`` its cases carry ``"brain"`` (for evaluation)."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   data = config.data
@@ -57,13 +58,15 @@ def case_source(config, split: str):
     return PhantomCaseSource(data.phantom_seed, counts[split], phantom,
                                       start_index=start, image_size=size,
                                       window=tuple(data.hu_window),
-                                      shared_cache=data.get("phantom_cache_cases", 0))
+                                      shared_cache=data.get("phantom_cache_cases", 0),
+                                      brain_mask=brain_mask)
   if data.source == "aisd":
     data_dir = os.path.expanduser(data.aisd_data_dir)
     try:
       return TfdsCaseSource(data_dir, data.aisd_config, split,
                                      lesion_labels=tuple(data.lesion_labels),
-                                     image_size=size, window=tuple(data.hu_window))
+                                     image_size=size, window=tuple(data.hu_window),
+                                     brain_mask=brain_mask)
     except Exception as e:  # TFDS raises several types for a missing dataset
       raise FileNotFoundError(
           f"{data_dir}: AISD ({data.aisd_config}) is not built there ({type(e).__name__})."
@@ -89,12 +92,14 @@ class PhantomCaseSource:
   """
 
   def __init__(self, seed: int, num_cases: int, config=None, start_index: int = 0, *,
-               image_size=None, window=None, shared_cache: int = 0):
+               image_size=None, window=None, shared_cache: int = 0,
+               brain_mask: bool = False):
     if num_cases < 1:
       raise ValueError(f"PhantomCaseSource: num_cases must be >= 1, got {num_cases}")
     self.seed, self.num_cases, self.start_index = int(seed), int(num_cases), int(start_index)
     self.config = PhantomConfig() if config is None else config
     self.image_size, self.window = preprocess.as_size(image_size), window
+    self.brain_mask = bool(brain_mask)
     # Prepared cases kept for every source of this process (a run of many trainings on
     # the same cases, such as sean_jax.tables, makes each case once); 0: no cache.
     self.shared_cache = int(shared_cache)
@@ -115,7 +120,8 @@ class PhantomCaseSource:
     if not self.shared_cache:
       return self._prepare(i)
     key = (self.seed, self.start_index + _check_index(i, len(self)), self.config,
-           self.image_size, None if self.window is None else tuple(self.window))
+           self.image_size, None if self.window is None else tuple(self.window),
+           self.brain_mask)
     with _PHANTOM_CACHE_LOCK:
       case = _PHANTOM_CACHE.pop(key, None)
     if case is None:
@@ -132,7 +138,7 @@ class PhantomCaseSource:
     return preprocess.prepare_case(case.case_id, case.ct_hu, case.mask, intensity="hu",
                         window=self.window, lesion_labels=None,
                         image_size=self.image_size, pose=_pose_alpha(case.pose, h, w),
-                        spacing_mm=case.spacing_mm)
+                        spacing_mm=case.spacing_mm, brain_mask=self.brain_mask)
 
 
 _PHANTOM_CACHE: dict = {}  # see PhantomCaseSource.shared_cache
@@ -154,12 +160,13 @@ class TfdsCaseSource:
 
   def __init__(self, data_dir, config_name: str = "png", split: str = "train", *,
                lesion_labels: Sequence[int] | None = AISD_LESION_LABELS,
-               image_size=None, window=None):
+               image_size=None, window=None, brain_mask: bool = False):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tfds_aisd  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     self.data_dir, self.config_name, self.split = os.fspath(data_dir), config_name, split
     self.lesion_labels = None if lesion_labels is None else tuple(lesion_labels)
     self.image_size, self.window = preprocess.as_size(image_size), window
+    self.brain_mask = bool(brain_mask)
     self._ds = tfds.data_source(f"aisd/{config_name}", data_dir=self.data_dir,
                                 split=split, download=False)
     self._slice_counts = None
@@ -183,7 +190,8 @@ class TfdsCaseSource:
                         intensity="hu" if source == "dicom" else "zscore",
                         window=self.window, lesion_labels=self.lesion_labels,
                         image_size=self.image_size, pose=None,
-                        spacing_mm=ex.get("spacing_mm"))
+                        spacing_mm=ex.get("spacing_mm"),
+                        brain_mask=self.brain_mask and source == "dicom")
 
 
 class NiftiCaseSource:
@@ -194,8 +202,9 @@ class NiftiCaseSource:
   """
 
   def __init__(self, directory, *, lesion_labels: Sequence[int] | None = None,
-               image_size=None, window=None):
+               image_size=None, window=None, brain_mask: bool = False):
     self.directory = os.fspath(directory)
+    self.brain_mask = bool(brain_mask)
     if not os.path.isdir(self.directory):
       raise ValueError(f"{self.directory}: not a directory")
     self.lesion_labels = None if lesion_labels is None else tuple(lesion_labels)
@@ -249,7 +258,8 @@ class NiftiCaseSource:
     _, h, w = ct.data.shape
     return preprocess.prepare_case(cid, ct.data, mask.data, intensity="hu", window=self.window,
                         lesion_labels=self.lesion_labels, image_size=self.image_size,
-                        pose=_pose_alpha(meta, h, w), spacing_mm=ct.spacing_mm)
+                        pose=_pose_alpha(meta, h, w), spacing_mm=ct.spacing_mm,
+                        brain_mask=self.brain_mask)
 
 
 def _text(value) -> str:
