@@ -64,12 +64,12 @@ def _pool_factor(height: int, width: int, size: int) -> int:
   return factor
 
 
-def _pool(images: jax.Array, factor: int) -> jax.Array:
-  """(H, W, C) -> (H / f, W / f, C), block means."""
+def _pool(volume: jax.Array, factor: int) -> jax.Array:
+  """(S, H, W) -> (S, H / f, W / f), block means."""
   if factor == 1:
-    return images
-  h, w, c = images.shape
-  return images.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3))
+    return volume
+  s, h, w = volume.shape
+  return volume.reshape(s, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
 
 
 def reflection_alpha(theta: jax.Array, offset_px: jax.Array, height: int, width: int
@@ -159,7 +159,7 @@ def refine_alpha(volume: jax.Array, alpha0: jax.Array,
   weights = jnp.asarray(slice_weights, jnp.float32)
   weights = jnp.where(weights.sum() > 0, weights, 1.0)
   weights = weights / weights.sum()
-  images = jnp.transpose(volume - volume.min(), (1, 2, 0))  # (H, W, S)
+  background = volume.min()
 
   theta0 = alpha0[0]
   t0 = jnp.stack([alpha0[1] * width / 2, alpha0[2] * height / 2])  # pixels
@@ -171,7 +171,8 @@ def refine_alpha(volume: jax.Array, alpha0: jax.Array,
   for stage in stages:
     factor = _pool_factor(height, width, stage.size)
     if factor not in pooled:
-      level = _pool(images, factor)
+      # Pooled first: the transpose to (H, W, S) is then of the small array.
+      level = jnp.transpose(_pool(volume, factor) - background, (1, 2, 0))
       radius = int(round(erode * width / factor))
       pooled[factor] = (level, interior_mask(level, radius))
     level, mask = pooled[factor]
