@@ -98,3 +98,46 @@ def get_config(variant: str, setting: str = "") -> ml_collections.ConfigDict:
     c.eval_every_steps = 500
     c.checkpoint_every_steps = 100
   return c
+
+
+def check_types(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one line) for a field whose value has another type than the
+  default's: ints where ints are expected (bools are not ints here), numbers for
+  floats, tuples of the default's length and element type (any length for
+  data.lesion_labels)."""
+  reference = get_config("sean")
+
+  def check(name, value, default):
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+      ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+      ok = (isinstance(value, (tuple, list))
+            and (len(value) == len(default) or name == "data.lesion_labels")
+            and all(check(f"{name}[{i}]", v, default[0]) is None
+                    for i, v in enumerate(value)))
+    else:
+      return None
+    if not ok:
+      kind = (f"a tuple of {len(default)} {type(default[0]).__name__}s"
+              if isinstance(default, tuple) else f"a {type(default).__name__}")
+      raise ValueError(f"config.{name}={value!r} must be {kind} (like "
+                       f"{default!r})")
+    return None
+
+  def walk(prefix, node, ref):
+    for key in ref.keys():
+      if key not in node:
+        continue
+      name = f"{prefix}{key}"
+      if isinstance(ref[key], ml_collections.ConfigDict):
+        walk(f"{name}.", node[key], ref[key])
+      else:
+        check(name, node[key], ref[key])
+
+  walk("", config, reference)

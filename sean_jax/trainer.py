@@ -11,6 +11,7 @@ checkpoint continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sean_jax import checkpointing, losses, plots
+from sean_jax import config as config_lib
 from sean_jax.data import pipeline, sources
 from sean_jax.models import alignment
 
@@ -47,6 +49,7 @@ def stage_lengths(config, train_source) -> tuple[int, int]:
 
 def check_config(config) -> None:
   """One-line errors for config values the run cannot use."""
+  config_lib.check_types(config)
   checkpointing.model_options(config)  # validates the model fields
   n = jax.device_count()
   for name, value in (("batch_size", config.batch_size),
@@ -130,13 +133,14 @@ def _global_batch(batch: dict, keys, sharding) -> dict:
 
 class MetricsLog:
   """metrics.jsonl: one JSON object per logged step; entries past a resumed step are
-  dropped, so the file tells the story of the checkpointed run."""
+  dropped, so the file tells the story of the checkpointed run (and a line cut short
+  by ``kill -9`` goes too)."""
 
   def __init__(self, path: Path, resume_step: int, enabled: bool):
     self.path, self.enabled = path, enabled
     if enabled and path.exists():
       kept = [line for line in path.read_text().splitlines()
-              if line.strip() and _json_step(line) <= resume_step]
+              if (step := _json_step(line)) is not None and step <= resume_step]
       tmp = path.with_suffix(".tmp")
       tmp.write_text("".join(line + "\n" for line in kept))
       os.replace(tmp, path)
@@ -147,11 +151,12 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
-def _json_step(line: str) -> int:
+def _json_step(line: str) -> int | None:
+  """The step of a metrics line; None for a line that is not a JSON object."""
   try:
     return int(json.loads(line).get("step", 0))
   except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
-    return 0
+    return None
 
 
 def _format_time(seconds: float) -> str:
@@ -160,13 +165,23 @@ def _format_time(seconds: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Trains (or resumes) the run in ``workdir``; returns the final validation metrics."""
-  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+  """Trains (or resumes) the run in ``workdir``; returns the final validation metrics.
 
+  The chief process holds ``workdir/.lock`` throughout: a second run on the same
+  workdir stops with ``checkpointing.WorkdirLockedError``.
+  """
   workdir = Path(workdir)
-  is_chief = jax.process_index() == 0
   check_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
+  with (checkpointing.workdir_lock(workdir) if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  is_chief = jax.process_index() == 0
   train_source = sources.case_source(config, "train")
   post = evaluate.postprocess_settings(workdir, config, min_size_ml=0.0)
   val_source = sources.case_source(config, "validation", brain_mask=post["brain_mask"])
@@ -182,8 +197,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                                        config.max_checkpoints_to_keep)
   best_manager = checkpointing.make_manager(workdir / "checkpoints_best", 1)
   step, best_dice = 0, -1.0
-  if manager.latest_step() is not None:
-    state, meta = checkpointing.restore(manager, manager.latest_step(), state)
+  try:
+    # The newest checkpoint that restores; damaged ones are moved aside with a warning.
+    found = checkpointing.restore_newest(manager, state)
+  except checkpointing.NoUsableCheckpointError as e:
+    raise checkpointing.NoUsableCheckpointError(
+        f"{e}; they were moved to {workdir / 'checkpoints_corrupt'}, run again to start "
+        f"from step 0") from None
+  if found is not None:
+    state, meta, _ = found
     step, best_dice = int(meta["step"]), float(meta.get("best_dice", -1.0))
     print(f"resuming from {workdir / 'checkpoints'} at step {step}/{total_steps}",
           flush=True)
@@ -285,12 +307,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         plots.validation_slices(_host_model(graphdef, state), val_source,
                                 workdir / "validation_slices.png")
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    best_manager.wait_until_finished()
-    best_manager.close()
     for sig, handler in previous_handlers.items():
       signal.signal(sig, handler)
+    # close() waits for the save in flight and writes its manifest; both managers are
+    # closed also when one of them reports a failed save.
+    with contextlib.ExitStack() as closing:
+      closing.callback(best_manager.close)
+      closing.callback(manager.close)
   return result
 
 

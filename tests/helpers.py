@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,26 @@ def make_tiny_workdir(tmp_path, variant: str = "sean", *, step: int = 1, config=
     manager.wait_until_finished()
     manager.close()
   return workdir
+
+
+def largest_file(directory) -> Path:
+  return max((p for p in Path(directory).rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def truncate_checkpoint(step_dir) -> None:
+  """Damage: the largest file of a checkpoint cut to half its size."""
+  f = largest_file(step_dir)
+  os.truncate(f, f.stat().st_size // 2)
+
+
+def flip_bits(step_dir) -> None:
+  """Bit rot: 8 bytes in the middle of a checkpoint's largest file, size unchanged."""
+  f = largest_file(step_dir)
+  data = bytearray(f.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0x04
+  f.write_bytes(bytes(data))
 
 
 def fast_train_state(config, seed: int = 0):

@@ -76,9 +76,13 @@ def test_run_writes_metrics_checkpoints_and_plots(reference_run):
   assert (workdir / "validation_slices.png").exists() or True  # no lesion -> no panel
   assert "step 12/12" in result.stdout and "left" in result.stdout
   assert json.loads((workdir / "config.json").read_text())["variant"] == "sean"
+  for step_dir in (workdir / "checkpoints").iterdir():  # each with its sha256 manifest
+    assert (step_dir / checkpointing.MANIFEST).exists()
+    assert checkpointing.verify_manifest(step_dir) is None
 
 
-def test_resume_after_kill_9_ends_with_the_same_parameters(reference_run, tmp_path):
+def test_resume_after_kill_9_and_damage_ends_with_the_same_parameters(reference_run,
+                                                                     tmp_path):
   workdir = tmp_path / "killed"
   cmd = train_command(workdir, "--config.align.num_train_steps=4",
                       "--config.num_train_steps=8", "--config.checkpoint_every_steps=2")
@@ -94,11 +98,23 @@ def test_resume_after_kill_9_ends_with_the_same_parameters(reference_run, tmp_pa
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert killed_mid_run, "the run finished before it could be killed"
-  done = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-  assert max(done) < 12
+  done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit())
+  assert max(done) < 12 and len(done) >= 3
+  # Damage as well (issue #14): the newest checkpoint truncated, the one before it
+  # bit-flipped (orbax would read it without complaint; its manifest tells). The run
+  # resumes from the third newest and still ends where the uninterrupted run ended.
+  from helpers import flip_bits, truncate_checkpoint  # pylint: disable=g-import-not-at-top
+  assert (workdir / "checkpoints" / str(done[-2]) / checkpointing.MANIFEST).exists()
+  truncate_checkpoint(workdir / "checkpoints" / str(done[-1]))
+  flip_bits(workdir / "checkpoints" / str(done[-2]))
   resumed = run(cmd)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resuming from" in resumed.stdout
+  assert f"at step {done[-3]}/12" in resumed.stdout, resumed.stdout[-2000:]
+  warnings = [l for l in resumed.stderr.splitlines() if l.startswith("warning: checkp")]
+  assert len(warnings) == 2 and "sha256 differs" in warnings[1], resumed.stderr[-3000:]
+  assert sorted(p.name for p in (workdir / "checkpoints_corrupt").iterdir()
+                if p.name.isdigit()) == sorted(str(s) for s in done[-2:])
   assert_same_params(final_params(reference_run[0]), final_params(workdir))
 
 
