@@ -348,3 +348,33 @@ def test_compare_same_workdir_names(tmp_path):
   assert row["runs"] == [str(a), str(b)] and row["n"] == 2
   assert row["dice_case_mean"] == (pytest.approx(0.3), pytest.approx(np.std([0.2, 0.4],
                                                                            ddof=1)))
+
+
+def test_choose_postprocessing_then_every_evaluation_uses_it(tmp_path, capsys):
+  """--choose-postprocessing writes postprocessing.json from the validation split; a
+  later evaluate applies that size (removing components, so fewer voxels than without
+  it), --min-size-ml overrides it, and a corrupt file is one error line."""
+  wd = helpers.make_tiny_workdir(tmp_path, alpha=ALPHA)
+  assert evaluate.main(["--workdir", str(wd), "--choose-postprocessing",
+                        "--threshold", "0.3"]) == 0
+  chosen = json.loads((wd / "postprocessing.json").read_text())
+  assert chosen["split"] == "validation" and chosen["num_cases"] == 1
+  assert [row["min_ml"] for row in chosen["candidates"]][0] == 0.0
+  assert sum(row["chosen"] for row in chosen["candidates"]) == 1
+  capsys.readouterr()
+  runs = {}
+  for name, extra in (("chosen", []), ("none", ["--min-size-ml", "0"]),
+                      ("all", ["--min-size-ml", "1000"])):
+    out = tmp_path / f"{name}.json"
+    assert evaluate.main(["--workdir", str(wd), "--threshold", "0.3", "--output",
+                          str(out), *extra]) == 0
+    runs[name] = json.loads(out.read_text())
+  assert runs["chosen"]["postprocessing"]["min_size_ml"] == chosen["min_ml"]
+  assert "postprocessing.json" in runs["chosen"]["postprocessing"]["min_size_from"]
+  voxels = {k: sum(r["pred_voxels"] for r in v["cases"]) for k, v in runs.items()}
+  assert voxels["all"] == 0 and voxels["none"] > 0
+  assert voxels["all"] <= voxels["chosen"] <= voxels["none"]
+  (wd / "postprocessing.json").write_text("{")
+  assert evaluate.main(["--workdir", str(wd)]) == 1
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "postprocessing.json" in err[0]

@@ -16,9 +16,10 @@
 Volumes are in millilitres (1 ml = 1000 mm^3); ``spacing_mm`` is (slice, row, col) mm.
 The phantom's acute lesions (3D components of the test split's masks, 5 x 0.9 x 0.9 mm
 voxels of 0.004 ml) are 0.012-73 ml, median 4.6 ml: lacunes and fragments 0.01-0.6 ml,
-territory infarcts 10-70 ml. So the default candidates stop at 2 ml and are dense
-below 0.2 ml, where false-positive specks lie, and the Dice guard is what keeps a
-threshold from deleting true small lesions.
+territory infarcts 10-70 ml. So the default candidates are dense below 0.2 ml, where
+false-positive specks lie at full resolution, and reach 10 ml, because at a coarse model
+grid (the CPU demo's 64 x 64: 3.6 mm pixels, 0.065 ml voxels) a few voxels already make
+1-3 ml; the Dice guard is what keeps a threshold from deleting true lesions.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = ["DEFAULT_CANDIDATES_ML", "CRITERIA", "POSTPROCESSING_FILE",
            "component_volumes_ml", "remove_small_components", "confine", "choose_min_size",
            "save_postprocessing", "load_postprocessing"]
 
-DEFAULT_CANDIDATES_ML = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+DEFAULT_CANDIDATES_ML = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 CRITERIA = ("f1", "dice")  # infarct-level F1 (summed counts) | mean Dice of lesion cases
 POSTPROCESSING_FILE = "postprocessing.json"
 
