@@ -21,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -228,7 +229,7 @@ class _Manager(ocp.CheckpointManager):
 
   def _save_failed(self, step, error):
     """Removes what the failed save left and raises a one-line CheckpointError."""
-    self._reported = True
+    self._reported = _OrbaxErrorLogFilter.reported = True
     directory = Path(self.directory)
     if jax.process_index() == 0:
       for tmp in directory.glob(f"*{_TMP_MARKER}*"):
@@ -257,11 +258,34 @@ def _error_summary(error: Exception) -> str:
   return f"{type(error).__name__}: {text[:200]}"
 
 
+class _OrbaxErrorLogFilter(logging.Filter):
+  """Orbax logs a failed save from each of its threads, with a traceback each (about
+  400 lines for one full disk); ``_Manager`` reports the failure in one line. Its
+  records keep their message without the traceback, and those after the report go."""
+
+  reported = False
+
+  def filter(self, record):
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      if _OrbaxErrorLogFilter.reported:
+        return False
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _quiet_orbax_error_logs():
+  _OrbaxErrorLogFilter.reported = False  # a new manager: its failures are logged
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrorLogFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxErrorLogFilter())
+
+
 def make_manager(directory: Path, max_to_keep: int | None, *,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A manager of ``directory``. ``read_only``: for evaluate/predict, which must not
   delete the temporary directories of a save that a live run has in progress."""
   _ignore_closed_loop_errors()
+  _quiet_orbax_error_logs()
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          cleanup_tmp_directories=not read_only)
   return _Manager(Path(directory).absolute(), options=options)
