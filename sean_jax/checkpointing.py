@@ -227,13 +227,28 @@ class _Manager(ocp.CheckpointManager):
     if errors and not self._reported:
       self._save_failed(step, errors[0])
 
+  def close(self):
+    """Closes orbax's manager; after a failed save, once its threads have ended, removes
+    what they wrote meanwhile (the removal in ``_save_failed`` can race them)."""
+    try:
+      super().close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._reported:
+        raise
+    finally:
+      if self._reported:
+        self._remove_temporaries()
+
+  def _remove_temporaries(self):
+    if jax.process_index() == 0:
+      for tmp in Path(self.directory).glob(f"*{_TMP_MARKER}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
   def _save_failed(self, step, error):
     """Removes what the failed save left and raises a one-line CheckpointError."""
     self._reported = _OrbaxErrorLogFilter.reported = True
     directory = Path(self.directory)
-    if jax.process_index() == 0:
-      for tmp in directory.glob(f"*{_TMP_MARKER}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    self._remove_temporaries()
     self.reload()
     intact = [s for s in self.all_steps() if s != step]
     kept = (f"the checkpoint of step {max(intact)} is intact" if intact
@@ -355,6 +370,15 @@ def move_aside(step_dir: Path, reason: str) -> Path:
   return target
 
 
+def _reload_after_moves(manager, moved: bool) -> None:
+  """Lets orbax forget the moved checkpoints, on every process once process 0 moved
+  them: its list of steps is cached, and latest_step() and the max_to_keep clean-up
+  would still count them."""
+  if moved and jax.process_count() > 1:
+    ocp.multihost.sync_global_processes("sean_checkpoints_moved_aside")
+  manager.reload()
+
+
 def restore_newest(manager: ocp.CheckpointManager, abstract_state: nnx.State, *,
                    move_bad: bool = True, warn=None
                    ) -> tuple[nnx.State, dict, int] | None:
@@ -384,7 +408,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: nnx.State, *,
         reason = f"orbax cannot read it ({_error_summary(e)})"
     if reason is None:
       if failures:
-        manager.reload()
+        _reload_after_moves(manager, move_bad)
       if not (step_dir / MANIFEST).exists():
         warn(f"note: checkpoint {step_dir} has no {MANIFEST} (written before manifests "
              f"existed, or killed right after its commit): restored without a checksum "
@@ -401,7 +425,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: nnx.State, *,
       where = "moved aside by process 0"
     warn(f"warning: checkpoint {step_dir} is damaged ({reason}); {where}; trying "
          f"the previous one")
-  manager.reload()
+  _reload_after_moves(manager, move_bad)
   raise NoUsableCheckpointError(
       f"{directory}: no checkpoint restores ({'; '.join(failures)})")
 
