@@ -4,6 +4,7 @@
         [--checkpoint latest|best] [--data DIR_OF_NIFTI] [--config FILE.py[:ARG]]
         [--threshold 0.5] [--connectivity 26] [--overlap any|fraction|iou]
         [--min-overlap 0.5] [--max-cases N] [--output FILE.json]
+        [--[no-]refine] [--[no-]brain-mask] [--min-size-ml ML] [--choose-postprocessing]
 
 The model and its config come from the workdir (``checkpointing.load_model``). The cases
 come from the run's config: the phantom's test (or validation) cases, or the AISD TFDS
@@ -11,10 +12,15 @@ split; ``--data`` evaluates a folder of ``<id>_ct.nii.gz`` + ``<id>_mask.nii.gz`
 ``<id>.json`` pose) instead, as ``python -m sean_jax.phantom`` writes them. ``--config``
 replaces the run's data settings (the model settings must be the checkpoint's).
 
-Every case goes through the pipeline's preprocessing (HU window, z-score, in-plane
-resize to ``config.data.image_size``), ``segment_volume`` (alignment with the brain
-slices of ``preprocess.brain_slice_weights``), and ``probability > threshold``. Metrics
-are computed on that model grid (see ``sean_jax.metrics`` and docs/evaluation.md).
+Every case goes through the pipeline's preprocessing (HU fixes, window, z-score,
+in-plane resize to ``config.data.image_size``), ``segment_volume`` (alignment with the
+brain slices of ``preprocess.brain_slice_weights``, then the symmetry refinement of the
+pose unless ``--no-refine``), ``probability > threshold``, and the postprocessing that
+predict applies too: kept inside the brain mask (``--no-brain-mask`` to skip) and
+components below the workdir's ``postprocessing.json`` size removed (``--min-size-ml``
+overrides it; ``--choose-postprocessing`` chooses it on the validation split first).
+Metrics are computed on that model grid (see ``sean_jax.metrics`` and
+docs/evaluation.md).
 
 Results go to ``DIR/eval.json`` (test split), ``DIR/eval_validation.json`` or
 ``DIR/eval_<data folder name>.json``, written atomically, unless ``--output`` says
