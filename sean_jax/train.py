@@ -82,7 +82,8 @@ def _parse_flags(argv):
   anything is built."""
   try:
     remaining = flags.FLAGS(argv)
-    _CONFIG.value  # pylint: disable=pointless-statement  # loads the file, may raise
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises its error here
     return remaining
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     print(f"error: {_one_line_flag_error(e, argv)}", file=sys.stderr)

@@ -141,6 +141,7 @@ def test_a_second_training_on_a_held_workdir_is_refused(tmp_path):
     (["--config=configs/variants.py:nope"], "unknown variant 'nope'"),
     (["--config=configs/sean.py:demo", "--config.batch_size=abc"],
      "--config.batch_size=abc: invalid literal"),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, args, message):
   workdir = tmp_path / "w"
@@ -156,7 +157,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path, args, message):
 def test_wrong_type_is_a_one_line_error():
   from sean_jax import config as config_lib
   c = config_lib.get_config("sean", "demo")
-  c.model.partitions = ("a", "b", "c")  # what --config.model.partitions=abc gives
+  c.model.partitions = ("abc",)  # what --config.model.partitions=abc gives
   with pytest.raises(ValueError, match=r"config.model.partitions=.* must be a tuple of "
                                        r"2 ints"):
     config_lib.check_types(c)
