@@ -35,7 +35,9 @@ import argparse
 import datetime
 import json
 import math
+import contextlib
 import os
+import signal
 import sys
 import time
 import warnings
@@ -594,14 +596,49 @@ def run(args) -> int:
   return 0
 
 
+class Interrupted(Exception):
+  """SIGTERM or SIGINT arrived; carries the exit code (128 + the signal)."""
+
+
+@contextlib.contextmanager
+def interruptible():
+  """SIGTERM and SIGINT raise :class:`Interrupted` inside the block (in the main
+  thread), so a command stops between writes with one line instead of dying silently;
+  outside the main thread (e.g. under a test runner's worker) it does nothing."""
+  def handler(signum, _):
+    raise Interrupted(signal.Signals(signum).name)
+  try:
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM,
+                                                              signal.SIGINT)}
+  except ValueError:  # not the main thread
+    yield
+    return
+  try:
+    yield
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def interrupted_exit(e: Interrupted, what: str) -> int:
+  """Prints the one line for an interrupted command; returns 128 + the signal."""
+  name = str(e) or "SIGINT"
+  print(f"error: interrupted by {name}; {what}", file=sys.stderr)
+  return 128 + int(getattr(signal, name, signal.SIGINT))
+
+
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   previous, warnings.formatwarning = warnings.formatwarning, _one_line_warnings
   try:
-    return run(args)
+    with interruptible():
+      return run(args)
   except CliError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Interrupted as e:
+    return interrupted_exit(e, "nothing was written (results are written whole at "
+                               "the end)")
   finally:
     warnings.formatwarning = previous
 

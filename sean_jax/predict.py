@@ -537,12 +537,18 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
-    return run(args)
+    with evaluate.interruptible():
+      return run(args)
   except CliError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except evaluate.Interrupted as e:
+    return evaluate.interrupted_exit(
+        e, "the volume in progress has no output (its files are renamed into place "
+           "only when all are written); finished volumes are kept")
 
 
 if __name__ == "__main__":

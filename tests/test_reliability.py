@@ -163,3 +163,24 @@ def test_wrong_type_is_a_one_line_error():
     config_lib.check_types(c)
   for setting in config_lib.SETTINGS:
     config_lib.check_types(config_lib.get_config("unet", setting))
+
+
+def test_sigterm_during_evaluate_is_one_line_and_writes_nothing(tmp_path):
+  """evaluate died silently on SIGTERM; now it stops with one line, exit 143, and no
+  result file (results are written whole at the end)."""
+  import time
+  workdir = helpers.make_tiny_workdir(tmp_path)
+  out = tmp_path / "e.json"
+  proc = subprocess.Popen([sys.executable, "-m", "sean_jax.evaluate", "--workdir",
+                           str(workdir), "--output", str(out)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  for line in proc.stdout:  # the model is loaded; the cases are being evaluated
+    if line.startswith("evaluating") or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], err
+  assert not out.exists() and not list(tmp_path.glob(".tmp_*"))
