@@ -176,3 +176,18 @@ def write_dicom_series(directory, volume_hu, spacing_mm, *, name: str = "IM") ->
     except TypeError:  # pydicom 2.x
       ds.save_as(path, write_like_original=False)
   return str(series_uid)
+
+
+def pydicom_data_file(name: str) -> str:
+  """A file of PyPI's pydicom-data (``693_UNCR.dcm``: a real head CT slice); skips the
+  test with the reason when the package is not installed."""
+  import pytest
+  try:
+    from importlib import resources
+    path = resources.files("data_store") / "data" / name
+  except ModuleNotFoundError:
+    pytest.skip("pip package pydicom-data (module data_store) is not installed: "
+                "pip install pydicom-data for the real CT slice")
+  if not path.is_file():
+    pytest.skip(f"pydicom-data has no {name}")
+  return str(path)

@@ -18,6 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+
+import helpers  # tests/ is on sys.path under pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from sean_jax.data import dicom, nifti
@@ -320,20 +322,8 @@ def test_multiframe_inconsistent_and_broken_files_are_refused(tmp_path):
     dicom.load_series(tmp_path / "empty")
 
 
-def _pydicom_data_file(name):
-  try:
-    from importlib import resources
-    path = resources.files("data_store") / "data" / name
-  except ModuleNotFoundError:
-    pytest.skip("pip package pydicom-data (module data_store) is not installed: "
-                "pip install pydicom-data for the real CT slice")
-  if not path.is_file():
-    pytest.skip(f"pydicom-data has no {name}")
-  return str(path)
-
-
 def test_real_ct_slice(tmp_path):
-  src = _pydicom_data_file("693_UNCR.dcm")
+  src = helpers.pydicom_data_file("693_UNCR.dcm")
   shutil.copy(src, tmp_path / "slice")
   ds = pydicom.dcmread(src)
   with warnings.catch_warnings():

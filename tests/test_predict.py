@@ -56,7 +56,7 @@ def scans(tmp_path_factory):
 
 def error_lines(err: str) -> list[str]:
   return [line for line in err.splitlines() if line.strip()
-          and not line.startswith("warning:")]
+          and not line.startswith(("warning:", "note:"))]
 
 
 def run_predict(capsys, *args):
@@ -302,6 +302,21 @@ def test_air_stored_as_zero_is_fixed_and_confined(workdir, scans, tmp_path, caps
   vol = nifti.load_volume(scans["canonical"])
   inside = brain.brain_mask(vol.data, vol.spacing_mm)
   assert inside.any() and not (ref.astype(bool) & ~inside).any()
+
+
+def test_real_dicom_slice_is_refused_as_too_few_slices(workdir, tmp_path, capsys):
+  """A real head CT slice (pydicom-data's 693_UNCR.dcm) reads as a series of one slice,
+  which the model cannot read: one error line naming the folder, no output."""
+  import shutil
+  series = tmp_path / "series"
+  series.mkdir()
+  shutil.copy(helpers.pydicom_data_file("693_UNCR.dcm"), series / "IM0001")
+  code, _, err = run_predict(capsys, "--workdir", workdir, "--input", series,
+                             "--output", tmp_path / "m.nii.gz")
+  lines = error_lines(err)
+  assert code == 1 and len(lines) == 1 and str(series) in lines[0], err
+  assert "1 slice" in lines[0] and not (tmp_path / "m.nii.gz").exists()
+  assert "scanner padding" in err  # its -3024 outside the field of view
 
 
 def test_dicom_series(workdir, scans, tmp_path, capsys):
