@@ -184,8 +184,13 @@ def segment_volume(model: Sean, volume: jax.Array, slice_weights=None,
                                                    slabs[start:start + batch_size])
                            for start in range(0, slabs.shape[0], batch_size)])
   if model.aligner is not None:
-    probs = alignment.unalign_volume(probs, alpha)
+    probs = _unalign(probs, alpha)
   return probs, alpha
+
+
+# Compiled once per shape: run eagerly, the sampler's many small ops took ~1.7 s per
+# volume to dispatch (a third of a tiny evaluation).
+_unalign = jax.jit(alignment.unalign_volume)
 
 
 @nnx.jit(static_argnames="refine")
