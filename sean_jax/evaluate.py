@@ -370,6 +370,25 @@ def _one_line(text) -> str:
   return " ".join(str(text).split())
 
 
+def add_postprocessing_flags(p: argparse.ArgumentParser) -> None:
+  """The flags that override the postprocessing (``postprocess_settings``), the same in
+  evaluate and predict."""
+  p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                 help="symmetry refinement of the pose (default: the run's "
+                      "config.align.refine)")
+  p.add_argument("--brain-mask", action=argparse.BooleanOptionalAction, default=None,
+                 help="keep predictions inside the brain (default: the run's "
+                      "config.postprocess.brain_mask)")
+  p.add_argument("--min-size-ml", type=float, default=None,
+                 help="remove predicted components below this size (default: the "
+                      "workdir's postprocessing.json, else 0)")
+
+
+def check_postprocessing_flags(p: argparse.ArgumentParser, args) -> None:
+  if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
+    p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
+
+
 def _parse(argv):
   p = _ArgumentParser(prog="python -m sean_jax.evaluate",
                       description="Evaluate a trained workdir (Dice, infarct-level F1, "
@@ -393,21 +412,12 @@ def _parse(argv):
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-cases", type=int, default=None)
   p.add_argument("--output", default=None, help="JSON file to write (default: see doc)")
-  p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                 help="symmetry refinement of the pose (default: the run's "
-                      "config.align.refine)")
-  p.add_argument("--brain-mask", action=argparse.BooleanOptionalAction, default=None,
-                 help="keep predictions inside the brain (default: the run's "
-                      "config.postprocess.brain_mask)")
-  p.add_argument("--min-size-ml", type=float, default=None,
-                 help="remove predicted components below this size (default: the "
-                      "workdir's postprocessing.json, else 0)")
+  add_postprocessing_flags(p)
   p.add_argument("--choose-postprocessing", action="store_true",
                  help="choose the component size on the validation split, write "
                       "postprocessing.json to the workdir, then evaluate with it")
   args = p.parse_args(argv)
-  if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
-    p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
+  check_postprocessing_flags(p, args)
   if args.choose_postprocessing:
     if args.data is not None or args.split not in (None, "validation"):
       p.error("--choose-postprocessing chooses on the validation split: use it with "

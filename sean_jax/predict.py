@@ -75,7 +75,7 @@ import warnings
 
 import numpy as np
 
-from sean_jax import metrics
+from sean_jax import evaluate, metrics
 from sean_jax.clinical import report
 
 __all__ = ["predict_volume", "aligned_on_input_grid", "main"]
@@ -302,15 +302,20 @@ def write_outputs(paths: dict, vol, result: dict, config, *, meta: dict) -> None
     raise
 
 
-def build_report(vol, result: dict, meta: dict) -> dict:
-  """The ``--report`` JSON of one volume: lesion volume per hemisphere and side
-  (``sean_jax.clinical.report``), the pose, the postprocessing, and where the input
-  and the model came from."""
-  from sean_jax import metrics  # pylint: disable=g-import-not-at-top
-  from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
-  _, height, width = vol.data.shape
+def _summary(vol, result: dict) -> dict:
+  """Lesion ml in all and per hemisphere, side (``report.lesion_summary``) and the
+  number of components of the postprocessed mask: for the printed line and the report."""
   out = report.lesion_summary(result["mask"], result["alpha"], vol.spacing_mm)
   out["num_components"] = int(metrics.label_components(result["mask"])[1])
+  return out
+
+
+def build_report(vol, result: dict, meta: dict) -> dict:
+  """The ``--report`` JSON of one volume: ``result["summary"]`` (``_summary``), the
+  pose, the postprocessing, and where the input and the model came from."""
+  from sean_jax.models.sampler import alpha_to_pose  # pylint: disable=g-import-not-at-top
+  _, height, width = vol.data.shape
+  out = dict(result["summary"])
   if result.get("brain") is not None:
     out["brain_ml"] = float(np.count_nonzero(result["brain"])
                             * np.prod(vol.spacing_mm) / 1000.0)
@@ -362,15 +367,7 @@ def _parse(argv):
   p.add_argument("--report", nargs="?", const=True, default=None,
                  help="JSON report: lesion ml per hemisphere, side, pose, input (a "
                       "switch for a folder input)")
-  p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                 help="symmetry refinement of the pose (default: the run's "
-                      "config.align.refine)")
-  p.add_argument("--brain-mask", action=argparse.BooleanOptionalAction, default=None,
-                 help="keep predictions inside the brain (default: the run's "
-                      "config.postprocess.brain_mask)")
-  p.add_argument("--min-size-ml", type=float, default=None,
-                 help="remove predicted components below this size (default: the "
-                      "workdir's postprocessing.json, else 0)")
+  evaluate.add_postprocessing_flags(p)
   p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
   p.add_argument("--threshold", type=float, default=0.5)
   p.add_argument("--batch-size", type=int, default=8)
@@ -379,8 +376,7 @@ def _parse(argv):
     p.error(f"--threshold must lie in [0, 1), got {args.threshold}")
   if args.batch_size < 1:
     p.error("--batch-size must be >= 1")
-  if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
-    p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
+  evaluate.check_postprocessing_flags(p, args)
   from sean_jax.data import dicom  # pylint: disable=g-import-not-at-top
   args.dicom = dicom.is_dicom_dir(args.input)
   args.folder = os.path.isdir(args.input) and not args.dicom
@@ -481,7 +477,6 @@ def _load(path, series_uid=None):
 
 def run(args) -> int:
   # pylint: disable=g-import-not-at-top
-  from sean_jax import evaluate
   from sean_jax.data import nifti
   from sean_jax.models.sampler import alpha_to_pose
   # pylint: enable=g-import-not-at-top
@@ -507,6 +502,7 @@ def run(args) -> int:
                               refine=settings["refine"] and meta["aligner"],
                               brain_mask=settings["brain_mask"],
                               min_size_ml=settings["min_size_ml"])
+      result["summary"] = _summary(vol, result)
       write_outputs(paths, vol, result, config, meta=meta)
     except (nifti.InputError, ValueError, OSError) as e:
       message = _one_line(e)
@@ -517,15 +513,15 @@ def run(args) -> int:
       if not args.folder:
         return 1
       continue
-    summary = report.lesion_summary(result["mask"], result["alpha"], vol.spacing_mm)
-    n_comp = metrics.label_components(result["mask"])[1]
+    summary = result["summary"]
     pose = ""
     if meta["aligner"]:
       pp = alpha_to_pose(result["alpha"], *vol.data.shape[1:])
       pose = (f", pose {pp['rotation_deg']:+.1f} deg, x {pp['shift_x_px']:+.1f} px, "
               f"y {pp['shift_y_px']:+.1f} px")
     print(f"{path}: {result['mask'].shape} {'/'.join(vol.axcodes)}, "
-          f"{summary['lesion_ml']:.2f} ml predicted in {n_comp} component(s) "
+          f"{summary['lesion_ml']:.2f} ml predicted in {summary['num_components']} "
+          f"component(s) "
           f"(left {summary['lesion_ml_left']:.2f}, right "
           f"{summary['lesion_ml_right']:.2f}: {summary['side']}){pose}; wrote "
           f"{', '.join(paths.values())} ({time.perf_counter() - start:.1f} s)",
@@ -537,7 +533,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-  from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
     with evaluate.interruptible():
