@@ -112,14 +112,17 @@ def _case_spacing(case: dict) -> np.ndarray:
 def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: int = 26,
                   overlap: str = "any", min_overlap: float = 0.5,
                   batch_size: int = 8, refine: bool = False, brain_mask: bool = False,
-                  min_size_ml: float = 0.0) -> tuple[dict, np.ndarray, np.ndarray]:
+                  min_size_ml: float = 0.0, segmented: list | None = None
+                  ) -> tuple[dict, np.ndarray, np.ndarray]:
   """One case: (row of metrics, probabilities (S, H, W), alpha (3,)).
 
   ``case`` is a pipeline case dict (``image`` preprocessed (S, H, W), ``mask`` 0/1,
   optional ``pose`` alpha or NaN, ``spacing_mm``, ``brain``). ``model`` must be in eval
   mode. The prediction is postprocessed as predict does it: ``refine`` and
   ``brain_mask`` as in :func:`segment_case`, then components smaller than
-  ``min_size_ml`` are removed (``sean_jax.clinical.postprocess``).
+  ``min_size_ml`` are removed (``sean_jax.clinical.postprocess``). ``segmented``: a
+  list that receives (prediction before the size filter, reference, spacing_mm), for
+  :func:`postprocessing_from` without segmenting again.
   """
   from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
 
@@ -129,6 +132,8 @@ def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: in
                                              batch_size=batch_size)
   image = np.asarray(case["image"])
   ref = np.asarray(case["mask"]) != 0
+  if segmented is not None:
+    segmented.append((pred, ref, _case_spacing(case)))
   if min_size_ml > 0:
     pred = postprocess.remove_small_components(pred, min_size_ml, _case_spacing(case),
                                                connectivity=connectivity) != 0
@@ -154,7 +159,8 @@ def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: in
 def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 26,
                    overlap: str = "any", min_overlap: float = 0.5, batch_size: int = 8,
                    max_cases: int | None = None, progress=None, refine: bool = False,
-                   brain_mask: bool = False, min_size_ml: float = 0.0) -> dict:
+                   brain_mask: bool = False, min_size_ml: float = 0.0,
+                   segmented: list | None = None) -> dict:
   """Segments every case and scores it; returns aggregates plus per-case ``"cases"``.
 
   Args:
@@ -165,7 +171,8 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
     batch_size: slabs per forward pass.
     max_cases: stop after this many cases.
     progress: optional ``progress(row)`` called after each case.
-    refine, brain_mask, min_size_ml: the postprocessing (:func:`evaluate_case`).
+    refine, brain_mask, min_size_ml, segmented: the postprocessing
+      (:func:`evaluate_case`).
 
   Returns:
     :func:`summarize` of the rows, with ``"cases"`` (the rows) added.
@@ -185,7 +192,7 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
                               connectivity=connectivity, overlap=overlap,
                               min_overlap=min_overlap, batch_size=batch_size,
                               refine=refine, brain_mask=brain_mask,
-                              min_size_ml=min_size_ml)
+                              min_size_ml=min_size_ml, segmented=segmented)
     rows.append(row)
     if progress is not None:
       progress(row)
@@ -205,7 +212,6 @@ def choose_postprocessing(model, cases, *, threshold: float = 0.5,
   with ``sean_jax.clinical.postprocess.choose_min_size``, as nnU-Net chooses its
   postprocessing; returns what ``postprocess.save_postprocessing`` stores."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
   model = nnx.clone(model)
   model.eval()
   segmented = []
@@ -213,6 +219,16 @@ def choose_postprocessing(model, cases, *, threshold: float = 0.5,
     pred, _, _, _ = segment_case(model, case, threshold=threshold, refine=refine,
                                  brain_mask=brain_mask, batch_size=batch_size)
     segmented.append((pred, np.asarray(case["mask"]) != 0, _case_spacing(case)))
+  return postprocessing_from(segmented, threshold=threshold, connectivity=connectivity,
+                             refine=refine, brain_mask=brain_mask)
+
+
+def postprocessing_from(segmented: list, *, threshold: float = 0.5,
+                        connectivity: int = 26, refine: bool = False,
+                        brain_mask: bool = False) -> dict:
+  """:func:`choose_postprocessing` from validation cases already segmented with those
+  settings: ``segmented`` holds (prediction, reference, spacing_mm) per case."""
+  from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
   if not segmented:
     raise ValueError("no cases to choose the postprocessing on")
   best, table = postprocess.choose_min_size(segmented, connectivity=connectivity)

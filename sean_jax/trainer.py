@@ -224,12 +224,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
                                                    "best_dice": best_dice})
       last_saved[0] = at_step
 
-  def evaluate_now(at_step):
+  def evaluate_now(at_step, segmented=None):
     nonlocal best_dice
     model = _host_model(graphdef, state)
     result = evaluate.evaluate_cases(model, pipeline.make_eval_cases(val_source),
                                      refine=post["refine"],
-                                     brain_mask=post["brain_mask"])
+                                     brain_mask=post["brain_mask"], segmented=segmented)
     result.pop("cases", None)
     log.write({"step": at_step, "eval": result, "split": "validation"})
     dice = result.get("dice_case_mean", float("nan"))
@@ -299,10 +299,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
       result = {"stopped_at_step": step}
     elif step >= total_steps:
       save(step)
-      result = evaluate_now(step)
+      segmented = []  # the final evaluation's predictions choose the postprocessing
+      result = evaluate_now(step, segmented)
       if is_chief:
-        _choose_postprocessing(_host_model(graphdef, state), val_source, post, step,
-                               workdir)
+        _choose_postprocessing(segmented, post, step, workdir)
         plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
         plots.validation_slices(_host_model(graphdef, state), val_source,
                                 workdir / "validation_slices.png")
@@ -317,14 +317,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
   return result
 
 
-def _choose_postprocessing(model, val_source, post: dict, step: int, workdir) -> None:
-  """Chooses the smallest component to keep on the validation split (as nnU-Net does)
-  and stores it in ``workdir/postprocessing.json`` for evaluate and predict."""
+def _choose_postprocessing(segmented: list, post: dict, step: int, workdir) -> None:
+  """Chooses the smallest component to keep on the validation split's predictions
+  ``segmented`` (as nnU-Net does) and stores it in ``workdir/postprocessing.json`` for
+  evaluate and predict."""
   from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
-  chosen = evaluate.choose_postprocessing(model, pipeline.make_eval_cases(val_source),
-                                          refine=post["refine"],
-                                          brain_mask=post["brain_mask"])
+  chosen = evaluate.postprocessing_from(segmented, refine=post["refine"],
+                                        brain_mask=post["brain_mask"])
   chosen.update(step=int(step), checkpoint="latest", split="validation")
   path = postprocess.save_postprocessing(workdir, chosen)
   print(f"postprocessing: components below {chosen['min_ml']:g} ml removed "
