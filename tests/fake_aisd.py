@@ -119,32 +119,15 @@ def _make_case(rng, case_id: str, n: int, even_hu: bool = False) -> FakeCase:
 def _dicom_bytes(hu_slice, *, z, instance, signed, slope, intercept,
                  series_uid, with_ipp=True) -> bytes:
   import pydicom  # pylint: disable=g-import-not-at-top
-  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path)
 
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = CTImageStorage
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = CTImageStorage
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.Modality = "CT"
-  ds.SeriesInstanceUID = series_uid
+  ds = helpers.ct_slice_dataset(series_uid, *hu_slice.shape, signed=signed)
   ds.InstanceNumber = instance
   if with_ipp:
     ds.ImagePositionPatient = [-8.0, -7.2, float(z)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
   ds.PixelSpacing = list(PIXEL_SPACING)
   ds.SliceThickness = SLICE_MM
-  ds.Rows, ds.Columns = hu_slice.shape
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = "MONOCHROME2"
-  ds.BitsAllocated = 16
-  ds.BitsStored = 16
-  ds.HighBit = 15
-  ds.PixelRepresentation = 1 if signed else 0
   ds.RescaleSlope = slope
   ds.RescaleIntercept = intercept
   stored = (hu_slice.astype(np.float64) - intercept) / slope

@@ -139,42 +139,61 @@ def tiny_phantom_case(index: int = 0, size: int = TINY_SIZE, slices: int = TINY_
   return generate_case(seed, index, PhantomConfig(size=size, slices=slices))
 
 
+def ct_slice_dataset(series_uid, rows: int, cols: int, *, study_uid=None,
+                     modality: str | None = "CT", signed: bool = False):
+  """A single-frame CT image dataset with its file meta, UIDs, modality (``None``:
+  none) and a 16-bit monochrome pixel module of ``rows`` x ``cols``; the caller adds
+  geometry, rescale and pixel data."""
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = CTImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+  ds.SeriesInstanceUID = series_uid
+  if study_uid is not None:
+    ds.StudyInstanceUID = study_uid
+  if modality is not None:
+    ds.Modality = modality
+  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+  ds.Rows, ds.Columns = rows, cols
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+  ds.PixelRepresentation = 1 if signed else 0
+  return ds
+
+
+def save_dicom(ds, path) -> None:
+  """Writes ``ds`` as a DICOM file (pydicom 3, or 2.x)."""
+  try:
+    ds.save_as(path, enforce_file_format=True)
+  except TypeError:  # pydicom 2.x
+    ds.save_as(path, write_like_original=False)
+
+
 def write_dicom_series(directory, volume_hu, spacing_mm, *, name: str = "IM") -> str:
   """Writes a model-orientation (S, H, W) HU volume as an axial CT series (standard
   orientation: columns towards the patient's left, rows towards posterior, slices
   towards superior, so the series reads back as the same array), stored unsigned with
   intercept -1024, files ``<name><k>`` in reverse slice order. Returns the series UID."""
   import os
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+  from pydicom.uid import generate_uid
   os.makedirs(directory, exist_ok=True)
   stored = np.clip(np.rint(np.asarray(volume_hu) + 1024.0), 0, 65535).astype(np.uint16)
   series_uid, study_uid = generate_uid(), generate_uid()
   s_mm, r_mm, c_mm = (float(v) for v in spacing_mm)
   for k in reversed(range(stored.shape[0])):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.SeriesDescription, ds.Modality, ds.InstanceNumber = "test head", "CT", k + 1
+    ds = ct_slice_dataset(series_uid, *stored.shape[1:], study_uid=study_uid)
+    ds.SeriesDescription, ds.InstanceNumber = "test head", k + 1
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [-100.0, -100.0, k * s_mm]
     ds.PixelSpacing = [r_mm, c_mm]
     ds.SliceThickness = s_mm
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape[1:]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
     ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
-    path = os.path.join(directory, f"{name}{k:03d}")
-    try:
-      ds.save_as(path, enforce_file_format=True)
-    except TypeError:  # pydicom 2.x
-      ds.save_as(path, write_like_original=False)
+    save_dicom(ds, os.path.join(directory, f"{name}{k:03d}"))
   return str(series_uid)
 
 

@@ -17,10 +17,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import generate_uid
 
 import helpers  # tests/ is on sys.path under pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from sean_jax.data import dicom, nifti
 from sean_jax.data.nifti import InputError
@@ -61,41 +60,20 @@ def _write_series(directory, stored, row_cos, col_cos, *, pixel_spacing=(0.8, 0.
   for k in rng.permutation(n):  # written in a random order
     if k in skip:
       continue
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds = helpers.ct_slice_dataset(series_uid, *stored.shape[1:], study_uid=study_uid,
+                                  modality=modality)
     ds.SeriesDescription = description
-    if modality is not None:
-      ds.Modality = modality
     ds.InstanceNumber = int(instance[k])
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in np.r_[row_cos, col_cos]]
     ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[k]]
     ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
     ds.SliceThickness = "5"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape[1:]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
     ds.RescaleSlope = "1"
     ds.RescaleIntercept = f"{_INTERCEPT:g}"
     ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
     if mutate is not None:
       mutate(k, ds)
-    path = os.path.join(directory, f"IM{names[k]:04d}")
-    try:
-      ds.save_as(path, enforce_file_format=True)
-    except TypeError:  # pydicom 2.x
-      ds.save_as(path, write_like_original=False)
+    helpers.save_dicom(ds, os.path.join(directory, f"IM{names[k]:04d}"))
   return series_uid, positions
 
 
