@@ -112,8 +112,8 @@ def _case_spacing(case: dict) -> np.ndarray:
 def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: int = 26,
                   overlap: str = "any", min_overlap: float = 0.5,
                   batch_size: int = 8, refine: bool = False, brain_mask: bool = False,
-                  min_size_ml: float = 0.0, segmented: list | None = None
-                  ) -> tuple[dict, np.ndarray, np.ndarray]:
+                  min_size_ml: float = 0.0, segmented: list | None = None,
+                  atlas=None) -> tuple[dict, np.ndarray, np.ndarray]:
   """One case: (row of metrics, probabilities (S, H, W), alpha (3,)).
 
   ``case`` is a pipeline case dict (``image`` preprocessed (S, H, W), ``mask`` 0/1,
@@ -145,6 +145,15 @@ def evaluate_case(model, case: dict, *, threshold: float = 0.5, connectivity: in
          "pred_voxels": int(pred.sum()), "intersection": inter, **counts.as_dict(),
          "seconds": seconds, "alpha": [float(a) for a in alpha],
          "rot_err_deg": None, "shift_err_px": None, "shift_err_mm": None}
+  if atlas is not None and case.get("aspects_regions") is not None \
+      and case.get("brain") is not None:
+    from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+    from sean_jax.data import phantom_aspects  # pylint: disable=g-import-not-at-top
+    regions, info = aspects.regions_of_scan(image, np.asarray(case["brain"]) != 0, alpha,
+                                            _case_spacing(case), atlas)
+    row["aspects"] = aspects.case_row(regions, pred, case["aspects_regions"], ref,
+                                      phantom_aspects.TRUTH_FRACTION)
+    row["aspects"]["levels"] = [info["ganglionic_slice"], info["supraganglionic_slice"]]
   true_alpha = _finite_pose(case.get("pose"))
   if true_alpha is not None and model.aligner is not None:
     height, width = image.shape[1:]
@@ -160,7 +169,8 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
                    overlap: str = "any", min_overlap: float = 0.5, batch_size: int = 8,
                    max_cases: int | None = None, progress=None, refine: bool = False,
                    brain_mask: bool = False, min_size_ml: float = 0.0,
-                   segmented: list | None = None) -> dict:
+                   segmented: list | None = None, atlas=None,
+                   aspects_fraction: float | None = None) -> dict:
   """Segments every case and scores it; returns aggregates plus per-case ``"cases"``.
 
   Args:
@@ -173,6 +183,9 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
     progress: optional ``progress(row)`` called after each case.
     refine, brain_mask, min_size_ml, segmented: the postprocessing
       (:func:`evaluate_case`).
+    atlas, aspects_fraction: ASPECTS against the cases' true regions
+      (:func:`evaluate_case`), summarised with ``aspects.summarize`` at that
+      involvement fraction (default ``aspects.DEFAULT_FRACTION``).
 
   Returns:
     :func:`summarize` of the rows, with ``"cases"`` (the rows) added.
@@ -192,7 +205,8 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
                               connectivity=connectivity, overlap=overlap,
                               min_overlap=min_overlap, batch_size=batch_size,
                               refine=refine, brain_mask=brain_mask,
-                              min_size_ml=min_size_ml, segmented=segmented)
+                              min_size_ml=min_size_ml, segmented=segmented,
+                              atlas=atlas)
     rows.append(row)
     if progress is not None:
       progress(row)
@@ -201,6 +215,11 @@ def evaluate_cases(model, cases, *, threshold: float = 0.5, connectivity: int = 
                 overlap=overlap, min_overlap=float(min_overlap) if overlap != "any"
                 else None, refine=bool(refine), brain_mask=bool(brain_mask),
                 min_size_ml=float(min_size_ml))
+  aspects_rows = [r["aspects"] for r in rows if "aspects" in r]
+  if aspects_rows:
+    from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+    result.update(aspects.summarize(aspects_rows, aspects.DEFAULT_FRACTION
+                                    if aspects_fraction is None else aspects_fraction))
   result["cases"] = rows
   return result
 
@@ -339,6 +358,14 @@ def format_table(result: dict, name: str | None = None) -> str:
                  f"|dθ| {m['rot_err_deg']:.2f} deg, |dx| {m['shift_err_px']:.2f} px{mm}.")
   else:
     lines.append("Alignment error: n/a (no known pose, or the model does not align).")
+  if m.get("aspects_cases"):
+    r = m["aspects_pearson_r"]
+    lines.append(f"ASPECTS over {m['aspects_cases']} cases (involved at "
+                 f"{m['aspects_fraction']:g} of a region): Pearson r "
+                 f"{_fmt(r, 3)}, mean absolute error {m['aspects_mae']:.2f}, same score "
+                 f"{m['aspects_exact']:.0%}; regions: sensitivity "
+                 f"{_fmt(m['aspects_region_sensitivity'], 3)}, specificity "
+                 f"{_fmt(m['aspects_region_specificity'], 3)}.")
   lines.append(f"Time: {m['seconds_per_case']:.2f} s per case (median).")
   return "\n".join(lines)
 
@@ -400,6 +427,28 @@ def add_postprocessing_flags(p: argparse.ArgumentParser) -> None:
                       "workdir's postprocessing.json, else 0)")
 
 
+def add_aspects_flags(p: argparse.ArgumentParser) -> None:
+  """The ASPECTS flags of evaluate and predict."""
+  from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+  p.add_argument("--aspects-atlas", default=None, metavar="DIR",
+                 help="the NCCT ASPECTS atlas folder (docs/aspects.md): adds ASPECTS")
+  p.add_argument("--aspects-age", choices=aspects.AGE_GROUPS,
+                 default=aspects.DEFAULT_AGE_GROUP, help="the atlas's age group")
+  p.add_argument("--aspects-fraction", type=float, default=aspects.DEFAULT_FRACTION,
+                 help="a region is involved when the lesion covers this share of it")
+
+
+def load_aspects_atlas(args):
+  """The atlas of ``--aspects-atlas`` (None without it); ``CliError`` if unusable."""
+  if args.aspects_atlas is None:
+    return None
+  from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+  try:
+    return aspects.load_atlas(args.aspects_atlas, args.aspects_age)
+  except ValueError as e:
+    raise CliError(_one_line(e)) from None
+
+
 def check_postprocessing_flags(p: argparse.ArgumentParser, args) -> None:
   if args.min_size_ml is not None and not args.min_size_ml >= 0.0:
     p.error(f"--min-size-ml must be >= 0, got {args.min_size_ml}")
@@ -432,8 +481,11 @@ def _parse(argv):
   p.add_argument("--choose-postprocessing", action="store_true",
                  help="choose the component size on the validation split, write "
                       "postprocessing.json to the workdir, then evaluate with it")
+  add_aspects_flags(p)
   args = p.parse_args(argv)
   check_postprocessing_flags(p, args)
+  if not 0.0 < args.aspects_fraction <= 1.0:
+    p.error(f"--aspects-fraction must lie in (0, 1], got {args.aspects_fraction}")
   if args.choose_postprocessing:
     if args.data is not None or args.split not in (None, "validation"):
       p.error("--choose-postprocessing chooses on the validation split: use it with "
@@ -519,15 +571,19 @@ def warn_if_not_hu_model(config) -> None:
           file=sys.stderr)
 
 
-def _source(config, args, brain_mask: bool):
+def _source(config, args, brain_mask: bool, aspects: bool = False):
   from sean_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if aspects and (args.data is not None or config.data.source != "phantom"):
+    raise CliError("--aspects-atlas scores ASPECTS against the phantom's true regions: "
+                   "use it on a phantom split (predict --aspects-atlas scores a scan)")
   try:
     if args.data is not None:
       return sources.NiftiCaseSource(args.data, lesion_labels=args.lesion_labels,
                                       image_size=config.data.image_size,
                                       window=tuple(config.data.hu_window),
                                       brain_mask=brain_mask)
-    return sources.case_source(config, args.split, brain_mask=brain_mask)
+    return sources.case_source(config, args.split, brain_mask=brain_mask or aspects,
+                               aspects=aspects)
   except (FileNotFoundError, ValueError) as e:
     raise CliError(_one_line(e)) from None
 
@@ -559,7 +615,8 @@ def run(args) -> int:
   settings = postprocess_settings(args.workdir, config, refine=args.refine,
                                   brain_mask=args.brain_mask,
                                   min_size_ml=args.min_size_ml)
-  source = _source(config, args, settings["brain_mask"])
+  atlas = load_aspects_atlas(args)
+  source = _source(config, args, settings["brain_mask"], aspects=atlas is not None)
   output = Path(args.output) if args.output else _default_output(args)
   if not output.parent.is_dir():
     raise CliError(f"{output.parent}: output directory not found")
@@ -591,6 +648,12 @@ def run(args) -> int:
   def progress(row):
     extra = "" if row["rot_err_deg"] is None else \
         f", |dθ| {row['rot_err_deg']:.1f} deg, |dx| {row['shift_err_px']:.1f} px"
+    if "aspects" in row:
+      from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+      frac = np.array([np.nan] + [np.nan if v is None else v
+                                  for v in row["aspects"]["pred_fractions"]])
+      pred = aspects.score_fractions(frac, args.aspects_fraction)["score"]
+      extra += f", ASPECTS {pred} (true {row['aspects']['true_score']})"
     print(f"  {row['case_id']}: dice {row['dice']:.4f}, lesions found "
           f"{row['tp_ref']}/{row['tp_ref'] + row['fn_ref']}, false positives "
           f"{row['fp_pred']}{extra} ({row['seconds']:.1f} s)", flush=True)
@@ -602,7 +665,8 @@ def run(args) -> int:
                             max_cases=args.max_cases, progress=progress,
                             refine=settings["refine"],
                             brain_mask=settings["brain_mask"],
-                            min_size_ml=settings["min_size_ml"])
+                            min_size_ml=settings["min_size_ml"], atlas=atlas,
+                            aspects_fraction=args.aspects_fraction)
   except (FileNotFoundError, ValueError) as e:
     raise CliError(_one_line(e)) from None
   rows = result.pop("cases")

@@ -80,11 +80,12 @@ from sean_jax.clinical import report
 
 __all__ = ["predict_volume", "aligned_on_input_grid", "main"]
 
-OUTPUT_KINDS = ("transform", "aligned", "probabilities", "overlay", "report")
+OUTPUT_KINDS = ("transform", "aligned", "probabilities", "overlay", "report", "regions")
 _SUFFIX = {"mask": "_mask.nii.gz", "transform": "_pose.json",
            "aligned": "_aligned.nii.gz", "probabilities": "_probabilities.nii.gz",
-           "overlay": "_overlay.png", "report": "_report.json"}
-_SKIP_STEMS = ("_mask", "_probabilities", "_aligned")
+           "overlay": "_overlay.png", "report": "_report.json",
+           "regions": "_regions.nii.gz"}
+_SKIP_STEMS = ("_mask", "_probabilities", "_aligned", "_regions")
 POSE_CONVENTION = ("sean_jax.models.sampler.warp(ct, pose_to_alpha(pose)) aligns the head "
                    "(mid-sagittal plane on the centre column); pixels of the input grid "
                    "in model orientation (slice, row, col)")
@@ -151,19 +152,7 @@ def predict_volume(model, config, volume_hu, *, threshold: float = 0.5,
           "resized": resized}
 
 
-def aligned_on_input_grid(volume, alpha, fill=None) -> np.ndarray:
-  """``volume`` (S, H, W) warped by ``alpha`` on its own grid (bilinear, ``fill``
-  outside; default the volume's minimum), as ``sampler.warp`` does on a square grid."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  volume = np.asarray(volume, np.float32)
-  _, height, width = volume.shape
-  fill = float(volume.min()) if fill is None else float(fill)
-  matrix2, offset2 = report.input_grid_map(alpha, height, width)
-  matrix = np.eye(3)
-  matrix[1:, 1:] = matrix2
-  offset = np.concatenate([[0.0], offset2])
-  return ndimage.affine_transform(volume, matrix, offset=offset, order=1,
-                                  mode="grid-constant", cval=fill).astype(np.float32)
+aligned_on_input_grid = report.aligned_on_input_grid
 
 
 def _midline(alpha, height: int, width: int):
@@ -187,17 +176,29 @@ def _pick_slices(mask, n: int = 6) -> list[int]:
 
 
 def save_overlay(path, volume_hu, mask, alpha, window, title: str,
-                 show_midline: bool) -> None:
+                 show_midline: bool, regions=None) -> None:
+  """PNG of up to 6 slices: the lesion outline (red), the midline, R/L, and the ASPECTS
+  regions (colours) when ``regions`` (S, H, W) is given (then the two levels' slices
+  are among those shown)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   picks = _pick_slices(mask)
+  if regions is not None:
+    scored = np.flatnonzero(regions.reshape(regions.shape[0], -1).max(axis=1))
+    if scored.size:
+      lesion = [p for p in picks if mask[p].any()][:2]
+      picks = sorted(set(lesion) | set(np.linspace(scored[0], scored[-1], min(
+          6 - len(lesion), scored.size)).round().astype(int).tolist()))
   _, height, width = volume_hu.shape
   fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 2.9), squeeze=False,
                            facecolor="black")
   for ax, s in zip(axes[0], picks):
     ax.imshow(volume_hu[s], cmap="gray", vmin=window[0], vmax=window[1],
               interpolation="nearest")
+    if regions is not None and regions[s].any():
+      ax.imshow(np.ma.masked_equal(regions[s], 0), cmap="tab20", vmin=0.5, vmax=20.5,
+                alpha=0.35, interpolation="nearest")
     if mask[s].any():
       ax.contour(mask[s], levels=[0.5], colors="red", linewidths=0.8)
     if show_midline:
@@ -285,6 +286,10 @@ def write_outputs(paths: dict, vol, result: dict, config, *, meta: dict) -> None
       with open(outputs.temp(paths["transform"], ".json"), "w") as f:
         json.dump(pose, f, indent=1, allow_nan=False)
         f.write("\n")
+    if paths.get("regions"):
+      p = paths["regions"]
+      nifti.save_like(result["regions"], vol, outputs.temp(p, _nifti_suffix(p)),
+                      dtype=np.uint8)
     if paths.get("report"):
       with open(outputs.temp(paths["report"], ".json"), "w") as f:
         json.dump(build_report(vol, result, meta), f, indent=1, allow_nan=False)
@@ -294,8 +299,10 @@ def write_outputs(paths: dict, vol, result: dict, config, *, meta: dict) -> None
                    alpha, tuple(config.data.hu_window),
                    f"{os.path.basename(vol.path)}: predicted infarct (red)"
                    + ", patient's right R / left L"
-                   + (", estimated midline (cyan)" if meta["aligner"] else ""),
-                   show_midline=meta["aligner"])
+                   + (", estimated midline (cyan)" if meta["aligner"] else "")
+                   + (f", ASPECTS {result['aspects']['score']} (regions in colour)"
+                      if result.get("aspects") else ""),
+                   show_midline=meta["aligner"], regions=result.get("regions"))
     outputs.commit()
   except BaseException:
     outputs.rollback()
@@ -308,6 +315,25 @@ def _summary(vol, result: dict) -> dict:
   out = report.lesion_summary(result["mask"], result["alpha"], vol.spacing_mm)
   out["num_components"] = int(metrics.label_components(result["mask"])[1])
   return out
+
+
+def add_aspects(result: dict, vol, atlas, fraction: float) -> None:
+  """Maps the ASPECTS regions onto the input (``sean_jax.clinical.aspects``) and scores
+  the postprocessed mask: ``result["regions"]`` (S, H, W) uint8 and
+  ``result["aspects"]`` (the report's object)."""
+  from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
+  from sean_jax.clinical import brain as brain_lib  # pylint: disable=g-import-not-at-top
+  brain = result.get("brain")
+  if brain is None:
+    brain = brain_lib.brain_mask(vol.data, vol.spacing_mm)
+  regions, info = aspects.regions_of_scan(vol.data, brain, result["alpha"],
+                                          vol.spacing_mm, atlas)
+  result["regions"] = regions
+  result["aspects"] = dict(aspects.score(regions, result["mask"], fraction),
+                           ganglionic_slices=info["ganglionic_slices"],
+                           supraganglionic_slices=info["supraganglionic_slices"],
+                           atlas=info["atlas"],
+                           note="research tool, not a medical device: docs/aspects.md")
 
 
 def build_report(vol, result: dict, meta: dict) -> dict:
@@ -332,6 +358,8 @@ def build_report(vol, result: dict, meta: dict) -> dict:
                   "variant": meta["variant"],
                   "model_image_size": int(result["model_size"])}
   out["postprocessing"] = dict(meta["postprocessing"], threshold=meta["threshold"])
+  if result.get("aspects") is not None:
+    out["aspects"] = result["aspects"]
   return out
 
 
@@ -365,9 +393,14 @@ def _parse(argv):
   p.add_argument("--overlay", nargs="?", const=True, default=None,
                  help="PNG of a few slices with the outline (a switch for a folder input)")
   p.add_argument("--report", nargs="?", const=True, default=None,
-                 help="JSON report: lesion ml per hemisphere, side, pose, input (a "
-                      "switch for a folder input)")
+                 help="JSON report: lesion ml per hemisphere, side, pose, input, and "
+                      "ASPECTS with --aspects-atlas (a switch for a folder input)")
+  p.add_argument("--regions", nargs="?", const=True, default=None,
+                 help="uint8 .nii.gz of the 20 ASPECTS regions (1-10 the patient's "
+                      "right C, L, IC, I, M1-M6, 11-20 the left); needs --aspects-atlas "
+                      "(a switch for a folder input)")
   evaluate.add_postprocessing_flags(p)
+  evaluate.add_aspects_flags(p)
   p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
   p.add_argument("--threshold", type=float, default=0.5)
   p.add_argument("--batch-size", type=int, default=8)
@@ -377,6 +410,10 @@ def _parse(argv):
   if args.batch_size < 1:
     p.error("--batch-size must be >= 1")
   evaluate.check_postprocessing_flags(p, args)
+  if args.regions and args.aspects_atlas is None:
+    p.error("--regions needs --aspects-atlas DIR (the NCCT ASPECTS atlas)")
+  if not 0.0 < args.aspects_fraction <= 1.0:
+    p.error(f"--aspects-fraction must lie in (0, 1], got {args.aspects_fraction}")
   from sean_jax.data import dicom  # pylint: disable=g-import-not-at-top
   args.dicom = dicom.is_dicom_dir(args.input)
   args.folder = os.path.isdir(args.input) and not args.dicom
@@ -391,6 +428,7 @@ def _parse(argv):
       p.error(f"--{kind} needs a file path")
   if not args.folder:
     wanted = {"output": (".nii", ".nii.gz"), "aligned": (".nii", ".nii.gz"),
+              "regions": (".nii", ".nii.gz"),
               "probabilities": (".nii", ".nii.gz"), "transform": (".json",),
               "overlay": (".png",), "report": (".json",)}
     for kind, suffixes in wanted.items():
@@ -486,6 +524,7 @@ def run(args) -> int:
     settings = evaluate.postprocess_settings(args.workdir, config, refine=args.refine,
                                              brain_mask=args.brain_mask,
                                              min_size_ml=args.min_size_ml)
+    atlas = evaluate.load_aspects_atlas(args)
   except evaluate.CliError as e:
     raise CliError(str(e)) from None
   evaluate.warn_if_not_hu_model(config)
@@ -503,6 +542,8 @@ def run(args) -> int:
                               brain_mask=settings["brain_mask"],
                               min_size_ml=settings["min_size_ml"])
       result["summary"] = _summary(vol, result)
+      if atlas is not None:
+        add_aspects(result, vol, atlas, args.aspects_fraction)
       write_outputs(paths, vol, result, config, meta=meta)
     except (nifti.InputError, ValueError, OSError) as e:
       message = _one_line(e)
@@ -523,7 +564,9 @@ def run(args) -> int:
           f"{summary['lesion_ml']:.2f} ml predicted in {summary['num_components']} "
           f"component(s) "
           f"(left {summary['lesion_ml_left']:.2f}, right "
-          f"{summary['lesion_ml_right']:.2f}: {summary['side']}){pose}; wrote "
+          f"{summary['lesion_ml_right']:.2f}: {summary['side']}){pose}"
+          + (f", ASPECTS {result['aspects']['score']} ({result['aspects']['side']})"
+             if atlas is not None else "") + "; wrote "
           f"{', '.join(paths.values())} ({time.perf_counter() - start:.1f} s)",
           flush=True)
   if failures:

@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-__all__ = ["BILATERAL_FRACTION", "input_grid_map", "hemisphere_volumes", "side_of",
-           "lesion_summary"]
+__all__ = ["BILATERAL_FRACTION", "input_grid_map", "aligned_on_input_grid",
+           "hemisphere_volumes", "side_of", "lesion_summary"]
 
 # "bilateral" when the smaller side holds at least this share of the lesion volume;
 # below it, a few voxels over the midline do not make an infarct bilateral.
@@ -39,6 +39,22 @@ def input_grid_map(alpha, height: int, width: int) -> tuple[np.ndarray, np.ndarr
   centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
   shift = np.array([ty * height / 2.0, tx * width / 2.0])
   return matrix, centre - matrix @ centre + shift
+
+
+def aligned_on_input_grid(volume, alpha, fill=None, order: int = 1) -> np.ndarray:
+  """``volume`` (S, H, W) warped by ``alpha`` on its own grid (``order`` 1 bilinear,
+  0 nearest; ``fill`` outside, default the volume's minimum), as ``sampler.warp``
+  does on a square grid."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  volume = np.asarray(volume, np.float32)
+  _, height, width = volume.shape
+  fill = float(volume.min()) if fill is None else float(fill)
+  matrix2, offset2 = input_grid_map(alpha, height, width)
+  matrix = np.eye(3)
+  matrix[1:, 1:] = matrix2
+  offset = np.concatenate([[0.0], offset2])
+  return ndimage.affine_transform(volume, matrix, offset=offset, order=order,
+                                  mode="grid-constant", cval=fill).astype(np.float32)
 
 
 def hemisphere_volumes(mask, alpha, spacing_mm) -> tuple[float, float]:
