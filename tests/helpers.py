@@ -210,3 +210,37 @@ def pydicom_data_file(name: str) -> str:
   if not path.is_file():
     pytest.skip(f"pydicom-data has no {name}")
   return str(path)
+
+
+def write_phantom_atlas(directory, size: int = 160) -> Path:
+  """An ASPECTS atlas in the NCCT atlas's file layout (``subcortical_*``/``cortical_*``
+  ``_{image,label}_50_69.nii.gz``, 2D, axis codes L, P, S), made from a noiseless
+  phantom head in the canonical pose: its brain at the true ganglionic and
+  supraganglionic heights (``sean_jax.data.phantom_aspects``), labels from its true
+  regions. For tests that cannot use the real atlas (a fresh clone has none)."""
+  import nibabel as nib
+  from scipy import ndimage
+  from sean_jax.data import phantom, phantom_aspects
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  config = phantom.PhantomConfig(
+      size=size, slices=25, slice_spacing_mm=2.5, stack_jitter_mm=0.0,
+      max_rotation_deg=0.0, max_shift_frac=0.0, noise_hu=(0.0, 0.0), drift_hu=0.0,
+      lesion_free_fraction=1.0, old_infarct_prob=0.0, calcification_prob=0.0,
+      symmetric_hypodensity_prob=0.0, asymmetry=0.0)
+  case = phantom.generate_case(0, 0, config)
+  regions = phantom_aspects.true_regions(case, 0, 0, config)
+  z = np.asarray(case.info["z_mm"])
+  bz = phantom._draw_anatomy(np.random.default_rng([0, 0, 1]), 0.0)["bg_shift"][2]
+  sp = config.pixel_spacing_mm
+  for kind, height in (("subcortical", bz), ("cortical", bz + phantom_aspects.SUPRA_ABOVE_MM)):
+    s = int(np.argmin(np.abs(z - height)))
+    inside = ndimage.binary_fill_holes(case.labels[s] >= phantom.LABELS["csf"])
+    image = np.where(inside, np.clip(case.ct_hu[s], 0, 80), 0).astype(np.uint8)
+    labels = np.where(regions[s] > 10, regions[s] - 10, regions[s]).astype(np.uint8)
+    affine = np.diag([-sp, -sp, 1.0, 1.0])
+    for name, array in (("image", image), ("label", labels)):
+      nib.save(nib.Nifti1Image(np.ascontiguousarray(array.T), affine),
+               str(directory / f"{kind}_{name}_50_69.nii.gz"))
+  return directory
