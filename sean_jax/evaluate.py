@@ -5,6 +5,7 @@
         [--threshold 0.5] [--connectivity 26] [--overlap any|fraction|iou]
         [--min-overlap 0.5] [--max-cases N] [--output FILE.json]
         [--[no-]refine] [--[no-]brain-mask] [--min-size-ml ML] [--choose-postprocessing]
+        [--aspects-atlas DIR [--aspects-age 50_69] [--aspects-fraction 0.15]]
 
 The model and its config come from the workdir (``checkpointing.load_model``). The cases
 come from the run's config: the phantom's test (or validation) cases, or the AISD TFDS
@@ -21,6 +22,10 @@ components below the workdir's ``postprocessing.json`` size removed (``--min-siz
 overrides it; ``--choose-postprocessing`` chooses it on the validation split first).
 Metrics are computed on that model grid (see ``sean_jax.metrics`` and
 docs/evaluation.md).
+
+``--aspects-atlas DIR`` (phantom splits only): ASPECTS from the mapped atlas regions
+and the prediction against the phantom's true regions (``sean_jax.data.phantom_aspects``):
+Pearson r, MAE, region sensitivity and specificity (docs/aspects.md).
 
 Results go to ``DIR/eval.json`` (test split), ``DIR/eval_validation.json`` or
 ``DIR/eval_<data folder name>.json``, written atomically, unless ``--output`` says

@@ -5,6 +5,8 @@
         [--probabilities probs.nii.gz] [--overlay overlay.png]
         [--checkpoint latest|best] [--threshold 0.5] [--batch-size 8]
         [--[no-]refine] [--[no-]brain-mask] [--min-size-ml ML]
+        [--aspects-atlas DIR [--aspects-age 50_69] [--aspects-fraction 0.15]
+         [--regions regions.nii.gz]]
 
     python -m sean_jax.predict --workdir DIR --input DICOM_DIR [--series UID] --output mask.nii.gz ...
 
@@ -46,7 +48,12 @@ patient's R and L. ``--report``: JSON with ``lesion_ml``, ``lesion_ml_left``,
 ``lesion_ml_right`` (the patient's sides, across the estimated mid-sagittal plane),
 ``side`` (left, right, bilateral or none: ``sean_jax.clinical.report``), the number of
 components, the brain volume, the pose, the postprocessing, the input (path, DICOM
-series, shape, axis codes, spacing, HU fixes) and the model.
+series, shape, axis codes, spacing, HU fixes) and the model. ``--aspects-atlas DIR``
+(the NCCT ASPECTS atlas, docs/aspects.md): the 20 ASPECTS regions are mapped onto the
+aligned input (``sean_jax.clinical.aspects``) and the report gets ``aspects`` (score,
+side, each region's involved fraction, the involved regions, the levels' slices);
+``--regions`` writes the region map (uint8, 1-10 the patient's right C, L, IC, I,
+M1-M6, 11-20 the left) on the input grid, and the overlay shows the regions.
 
 With ``--input`` a folder of NIfTI files, every ``*.nii``/``*.nii.gz`` in it is
 segmented (files whose name ends in ``_mask``, ``_probabilities`` or ``_aligned`` are
