@@ -1,11 +1,12 @@
 r"""Tables 1 and 2 of the paper on the phantom: every row, several seeds, one budget.
 
     python -m sean_jax.tables --workdir workdirs/tables [--seeds 0,1,2]
-        [--rows sean,hybrid] [--steps 500] [--report-only]
+        [--rows sean,hybrid] [--steps 500] [--image-size 64] [--evals 1] [--report-only]
 
 Each (row, seed) trains in WORKDIR/<row>/seed<k> with the demo setting of
-sean_jax/config.py (64x64 phantom, w = 8) and the same data, steps and seeds for
-every row, then is evaluated on the held-out phantom test split (eval.json, as
+sean_jax/config.py (64x64 phantom, w = 8; ``--image-size 128`` puts 4x4 tokens in each
+of the 2x2 attention partitions of the 8x8 bottleneck) and the same data, steps and
+seeds for every row (``--evals`` validation evaluations along the way, for the curves), then is evaluated on the held-out phantom test split (eval.json, as
 ``python -m sean_jax.evaluate`` writes it). Runs that have an eval.json are skipped and
 an interrupted run resumes from its checkpoint, so the command can be run again until
 it is done. At the end it writes WORKDIR/tables.md (both tables, mean ± std over seeds)
@@ -37,14 +38,15 @@ METRICS = (("Dice", "dice_case_mean"), ("Dice (lesion cases)", "dice_case_mean_l
 
 
 def run_config(variant: str, seed: int, steps: int, align_steps: int,
-               test_cases: int):
+               test_cases: int, image_size: int = 64, evals: int = 1):
   from sean_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.get_config(variant, "demo")
   c.seed = seed
   c.num_train_steps = steps
   c.align.num_train_steps = align_steps
   c.data.num_test_cases = test_cases
-  c.eval_every_steps = steps  # once, at the end
+  c.data.image_size = image_size
+  c.eval_every_steps = max(1, steps // evals)  # evals times, the last at the end
   c.data.phantom_cache_cases = (c.data.num_train_cases + c.data.num_val_cases
                                 + test_cases)
   return c
@@ -138,9 +140,10 @@ def budgets(workdir: Path, seeds) -> list[str]:
         align = (f", {c['align']['num_train_steps']} alignment steps"
                  if c["model"]["align"] else "")
         found.add((c["num_train_steps"], c["batch_size"], c["data"]["num_test_cases"],
-                   align))
-  return sorted(f"{steps} segmentation steps (batch {batch}), {test} test cases{align}"
-                for steps, batch, test, align in found)
+                   align, c["data"]["image_size"]))
+  return sorted(f"{size}x{size} input, {steps} segmentation steps (batch {batch}), "
+                f"{test} test cases{align}"
+                for steps, batch, test, align, size in found)
 
 
 def report(workdir: Path, seeds) -> str:
@@ -164,6 +167,11 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=500, help="segmentation steps per run")
   parser.add_argument("--align-steps", type=int, default=400)
   parser.add_argument("--test-cases", type=int, default=24)
+  parser.add_argument("--image-size", type=int, default=64,
+                      help="in-plane input size (a multiple of 32: 2x2 partitions of the "
+                           "size/16 bottleneck)")
+  parser.add_argument("--evals", type=int, default=1,
+                      help="validation evaluations per run (the validation curve)")
   parser.add_argument("--report-only", action="store_true")
   args = parser.parse_args(argv)
   try:
@@ -174,10 +182,13 @@ def main(argv=None) -> int:
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     parser.error(f"unknown rows {unknown}; known: {list(ROWS)}")
-  if args.steps < 1 or args.align_steps < 1 or args.test_cases < 1:
-    parser.error("--steps, --align-steps and --test-cases must be positive")
-  budget = (f"{args.steps} segmentation steps (batch 8), {args.align_steps} alignment "
-            f"steps, {args.test_cases} test cases")
+  if args.steps < 1 or args.align_steps < 1 or args.test_cases < 1 or args.evals < 1:
+    parser.error("--steps, --align-steps, --test-cases and --evals must be positive")
+  if args.image_size < 32 or args.image_size % 32:
+    parser.error(f"--image-size must be a multiple of 32, got {args.image_size}")
+  budget = (f"{args.image_size}x{args.image_size} input, {args.steps} segmentation "
+            f"steps (batch 8), {args.align_steps} alignment steps, {args.test_cases} "
+            f"test cases")
   if not args.report_only:
     todo = [(v, s) for s in seeds for v in rows
             if not (args.workdir / v / f"seed{s}" / "eval.json").exists()]
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
       start = time.time()
       run_dir = args.workdir / variant / f"seed{seed}"
       train_and_test(run_dir, run_config(variant, seed, args.steps, args.align_steps,
-                                         args.test_cases))
+                                         args.test_cases, args.image_size, args.evals))
       print(f"[{k + 1}/{len(todo)}] {variant} seed {seed}: {time.time() - start:.0f} s",
             flush=True)
   print(report(args.workdir, seeds))

@@ -37,7 +37,7 @@ def test_tables_report_mean_and_std_over_seeds(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--rows", "resnet"], "unknown rows"), (["--seeds", "a"], "seeds"),
-    (["--steps", "0"], "positive")])
+    (["--steps", "0"], "positive"), (["--image-size", "48"], "multiple of 32")])
 def test_bad_arguments_exit_with_one_line(tmp_path, argv, match, capsys):
   with pytest.raises(SystemExit) as exit_info:
     tables.main(["--workdir", str(tmp_path)] + argv)
