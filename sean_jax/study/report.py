@@ -1,0 +1,219 @@
+"""The study of a ``sean_jax.tables`` workdir: specificity, matched-FP detection and
+paired statistics per row (``python -m sean_jax.study``).
+
+    python -m sean_jax.study --workdir workdirs/tables128
+        [--rows hybrid,align,align_self,sean,hybrid_ft_cc] [--seeds 0,1,2]
+        [--template ../shared/data/ct_template/template_with_skull_2mm.nii.gz]
+        [--angles -12,-6,0,6,12]
+
+For every finished run (``eval.json``): the threshold sweep of its test cases
+(``sweep.json``) and, with ``--template``, the false positives on the real normal head
+(``normal_head.json``), each computed once and kept in the run's folder. Then
+``WORKDIR/study.md`` and ``study.json``: per row, mean ± std over seeds of Dice,
+lesion F1, false-positive components and ml on the lesion-free test cases, lesion
+recall at matched false positives (0.5 and 1 per case, along the sweep), and the ml
+predicted on the normal head; paired differences (bootstrap 95% CIs over test cases)
+of every row against the baseline and of SEAN against +Align+Self; and
+``study_froc.png`` (recall against false positives per case, seed means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sean_jax.study import normal_head, stats, sweep
+
+__all__ = ["run_study", "main"]
+
+LABELS = {"hybrid": "Baseline (HybridUnet)", "align": "+Align",
+          "align_self": "+Align+Self", "sean": "+Align+Self+Sym (SEAN)",
+          "hybrid_ft_cc": "HybridUnet-FT-CC", "unet": "Unet"}
+MATCHED_FP = (0.5, 1.0)
+PAIRS = (("hybrid", "align"), ("hybrid", "align_self"), ("hybrid", "sean"),
+         ("hybrid", "hybrid_ft_cc"), ("align_self", "sean"))
+PAIR_STATS = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
+              ("precision", "precision"), ("FP components per case", "fp_pred"))
+
+
+def _write_json(obj, path: Path) -> None:
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(path)
+
+
+def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES) -> dict:
+  """The sweep (and normal-head) results of one run, computed once and cached."""
+  # pylint: disable=g-import-not-at-top
+  from sean_jax import checkpointing, evaluate
+  from sean_jax.data import sources
+  # pylint: enable=g-import-not-at-top
+  out = {}
+  need_sweep = not (run_dir / "sweep.json").exists()
+  need_head = template is not None and not (run_dir / "normal_head.json").exists()
+  if need_sweep or need_head:
+    model, config, _ = checkpointing.load_model(run_dir)
+    model.eval()
+    settings = evaluate.postprocess_settings(run_dir, config)
+    if not model.aligner:
+      settings["refine"] = False
+    if need_sweep:
+      cases = sources.case_source(config, "test", brain_mask=settings["brain_mask"])
+      _write_json({"settings": settings,
+                   "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
+                                              brain_mask=settings["brain_mask"],
+                                              min_size_ml=settings["min_size_ml"])},
+                  run_dir / "sweep.json")
+    if need_head:
+      _write_json({"template": str(template), "settings": settings,
+                   "angles": normal_head.false_positives(model, config, template,
+                                                         settings, angles=angles)},
+                  run_dir / "normal_head.json")
+  out["sweep"] = json.loads((run_dir / "sweep.json").read_text())
+  if (run_dir / "normal_head.json").exists():
+    out["normal_head"] = json.loads((run_dir / "normal_head.json").read_text())
+  out["eval"] = json.loads((run_dir / "eval.json").read_text())
+  return out
+
+
+def _ms(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def _row_numbers(run: dict) -> dict:
+  points = sweep.curve(run["sweep"]["cases"])
+  at = {p["threshold"]: p for p in points}
+  half = at.get(0.5, points[len(points) // 2])
+  m = run["eval"]["metrics"]
+  numbers = {"dice": m["dice_case_mean"], "f1": m["lesion_f1"],
+             "recall": m["lesion_recall"], "precision": m["lesion_precision"],
+             "fp_ml_lesion_free": half["fp_ml_lesion_free"],
+             "fp_per_case": half["fp_per_case"]}
+  free = [r for r in run["eval"]["cases"] if not r["has_lesion"]]
+  numbers["fp_components_lesion_free"] = (float(np.mean([r["fp_pred"] for r in free]))
+                                          if free else None)
+  for fp in MATCHED_FP:
+    numbers[f"recall_at_{fp:g}_fp"] = sweep.recall_at_fp(points, fp)
+  if "normal_head" in run:
+    numbers["normal_head_ml"] = float(np.mean([a["ml"] for a in run["normal_head"]["angles"]]))
+    numbers["normal_head_ml_before_postprocessing"] = float(np.mean(
+        [a["ml_before_postprocessing"] for a in run["normal_head"]["angles"]]))
+  return numbers
+
+
+def run_study(workdir: Path, rows, seeds, template=None,
+              angles=normal_head.DEFAULT_ANGLES) -> dict:
+  runs: dict = {}
+  for variant in rows:
+    for seed in seeds:
+      run_dir = workdir / variant / f"seed{seed}"
+      if (run_dir / "eval.json").exists():
+        print(f"analysing {variant} seed {seed}", flush=True)
+        runs.setdefault(variant, []).append(analyse_run(run_dir, template, angles))
+  table = {v: [_row_numbers(r) for r in rs] for v, rs in runs.items()}
+  pairs = []
+  for a, b in PAIRS:
+    if a in runs and b in runs:
+      ra, rb = [r["eval"] for r in runs[a]], [r["eval"] for r in runs[b]]
+      pairs.append({"a": a, "b": b, **{name: stats.paired_difference(ra, rb, key)
+                                        for name, key in PAIR_STATS}})
+  curves = {v: [sweep.curve(r["sweep"]["cases"]) for r in rs] for v, rs in runs.items()}
+  return {"table": table, "pairs": pairs, "curves": curves,
+          "seeds": {v: len(rs) for v, rs in runs.items()}}
+
+
+def markdown(result: dict) -> str:
+  cols = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
+          ("precision", "precision"),
+          ("FP comps / lesion-free case", "fp_components_lesion_free"),
+          ("FP ml / lesion-free case", "fp_ml_lesion_free"),
+          ("recall @ 0.5 FP/case", "recall_at_0.5_fp"),
+          ("recall @ 1 FP/case", "recall_at_1_fp"),
+          ("normal head ml", "normal_head_ml"),
+          ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"))
+  lines = ["| Method | " + " | ".join(c for c, _ in cols) + " | seeds |",
+           "|" + " --- |" * (len(cols) + 2)]
+  for variant, numbers in result["table"].items():
+    cells = [_ms([n.get(k) for n in numbers]) for _, k in cols]
+    lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells)
+                 + f" | {len(numbers)} |")
+  lines += ["", "Paired differences B - A over the test cases (seed means per case), "
+            "bootstrap 95% CI; **bold** where the interval excludes 0:", "",
+            "| A | B | " + " | ".join(n for n, _ in PAIR_STATS) + " |",
+            "|" + " --- |" * (len(PAIR_STATS) + 2)]
+  for pair in result["pairs"]:
+    cells = []
+    for name, _ in PAIR_STATS:
+      d = pair[name]
+      cell = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+      cells.append(f"**{cell}**" if d["real"] else cell)
+    lines.append(f"| {LABELS.get(pair['a'], pair['a'])} | {LABELS.get(pair['b'], pair['b'])}"
+                 f" | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def froc_figure(result: dict, path: Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for variant, curves in result["curves"].items():
+    fp = np.mean([[p["fp_per_case"] for p in c] for c in curves], axis=0)
+    rec = np.mean([[p["recall"] for p in c] for c in curves], axis=0)
+    ax.plot(fp, rec, "o-", ms=3, label=LABELS.get(variant, variant))
+  ax.set_xlabel("false-positive components per case")
+  ax.set_ylabel("lesion recall")
+  ax.set_xscale("symlog", linthresh=0.1)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title("phantom test cases, thresholds 0.1-0.95 (seed means)", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m sean_jax.study",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, type=Path)
+  p.add_argument("--rows", default="hybrid,align,align_self,sean,hybrid_ft_cc")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--template", default=None, type=Path,
+                 help="the real normal head CT (../shared/data/ct_template/"
+                      "template_with_skull_2mm.nii.gz)")
+  p.add_argument("--angles", default=",".join(f"{a:g}" for a in normal_head.DEFAULT_ANGLES),
+                 help="in-plane rotations of the normal head, degrees")
+  args = p.parse_args(argv)
+  try:
+    angles = tuple(float(a) for a in args.angles.split(","))
+  except ValueError:
+    p.error(f"--angles must be comma-separated numbers, got {args.angles!r}")
+  try:
+    seeds = [int(s) for s in args.seeds.split(",")]
+  except ValueError:
+    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  if not args.workdir.is_dir():
+    print(f"error: {args.workdir}: no such workdir", file=sys.stderr)
+    return 1
+  if args.template is not None and not args.template.is_file():
+    print(f"error: {args.template}: template not found", file=sys.stderr)
+    return 1
+  result = run_study(args.workdir, args.rows.split(","), seeds, args.template, angles)
+  if not result["table"]:
+    print(f"error: {args.workdir}: no finished run (eval.json) of {args.rows}",
+          file=sys.stderr)
+    return 1
+  text = markdown(result)
+  (args.workdir / "study.md").write_text(text)
+  _write_json(result, args.workdir / "study.json")
+  froc_figure(result, args.workdir / "study_froc.png")
+  print(text)
+  print(f"wrote {args.workdir / 'study.md'}, study.json, study_froc.png")
+  return 0
