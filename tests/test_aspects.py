@@ -144,13 +144,9 @@ def test_real_template_levels_and_anatomy():
   atlas = real_atlas()
   if not TEMPLATE.exists():
     pytest.skip(f"../shared/data/ct_template not found: {TEMPLATE}")
-  from test_refine import thick_slices  # pylint: disable=g-import-not-at-top
   from sean_jax.clinical import brain as brain_lib  # pylint: disable=g-import-not-at-top
-  from sean_jax.data import nifti, preprocess  # pylint: disable=g-import-not-at-top
-  volume = nifti.load_volume(TEMPLATE, expect_hu=False)
-  hu, _ = preprocess.fix_hu_conventions(volume.data)
-  hu = thick_slices(hu.astype(np.float64), 20, 34, 2.5).astype(np.float32)
-  spacing = (5.0, 2.0, 2.0)
+  from sean_jax.study import normal_head  # pylint: disable=g-import-not-at-top
+  hu, spacing = normal_head.template_volume(TEMPLATE)  # 5 mm slices from 2 mm slice 20
   brain = brain_lib.brain_mask(hu, spacing)
   regions, info = aspects.regions_of_scan(hu, brain, np.zeros(3), spacing, atlas)
   # Thick slice 17 (2 mm slices 62.5-65) shows the basal ganglia and thalami.

@@ -14,6 +14,7 @@ from flax import nnx
 from scipy import ndimage
 
 from sean_jax import metrics
+from sean_jax.study import normal_head
 from sean_jax.data import phantom, preprocess
 from sean_jax.models import alignment, refine, sampler, sean
 
@@ -132,19 +133,6 @@ def test_segment_volume_passes_refine_to_the_alignment(monkeypatch):
 # ------------------------------------------------------------------ real CT template
 
 
-def thick_slices(volume, first: int, count: int, thickness: float):
-  """Slabs of ``thickness`` thin slices (fractional), averaged, from ``first`` on:
-  (S, H, W) -> (count, H, W)."""
-  out = []
-  for k in range(count):
-    lo = first + k * thickness
-    hi = lo + thickness
-    index = np.arange(int(math.floor(lo)), int(math.ceil(hi)))
-    weight = np.minimum(index + 1, hi) - np.maximum(index, lo)
-    out.append(np.tensordot(weight, volume[index], axes=1) / weight.sum())
-  return np.stack(out)
-
-
 @pytest.fixture(scope="module")
 def template_hu():
   """(28, 128, 128) HU: the template's 2 mm slices through the brain as 5 mm slices,
@@ -160,7 +148,7 @@ def template_hu():
                    for s in hu])
   hu = np.where(head, hu, -1000.0)
   # 2 mm slices 34 .. 104 hold the brain above the skull base.
-  return thick_slices(hu, 34, 28, 2.5).astype(np.float32)
+  return normal_head.thick_slices(hu, 34, 28, 2.5).astype(np.float32)
 
 
 def posed_template(hu, alpha, rng, noise_hu: float):
