@@ -207,7 +207,7 @@ def _smoothed(level: AtlasLevel, work_mm: float) -> np.ndarray:
   return _SMOOTHED[key][1]
 
 
-def fit_slice(image, brain, spacing_mm, level: AtlasLevel, *, start=None,
+def fit_slice(image, brain, spacing_mm, level: AtlasLevel, *,
               work_mm: float = _WORK_MM, max_evals: int = 400) -> SliceFit:
   """Fits ``level`` to one aligned slice.
 
@@ -216,7 +216,6 @@ def fit_slice(image, brain, spacing_mm, level: AtlasLevel, *, start=None,
     brain: (H, W) bool brain mask of the slice.
     spacing_mm: (row, col) mm.
     level: the atlas level.
-    start: a ``SliceFit`` to start from instead of the brain's bounding box.
     work_mm: the pixel size the intensities are compared at.
     max_evals: the optimiser's budget of cost evaluations.
 
@@ -235,11 +234,8 @@ def fit_slice(image, brain, spacing_mm, level: AtlasLevel, *, start=None,
   _, a_half_r, a_half_c, _ = level.box
   half_r = (rows_b.max() - rows_b.min() + 1) / 2.0 * sp[0]
   half_c = max(abs(cols_b.min() - centre[1]), abs(cols_b.max() - centre[1])) * sp[1]
-  if start is None:
-    x0 = np.array([half_r / (a_half_r * level.spacing_mm[0]),
-                   half_c / (a_half_c * level.spacing_mm[1]), 0.0, 0.0])
-  else:
-    x0 = np.concatenate([start.scale, start.shift_mm + (start.centre_px - centre) * sp])
+  x0 = np.array([half_r / (a_half_r * level.spacing_mm[0]),
+                 half_c / (a_half_c * level.spacing_mm[1]), 0.0, 0.0])
   atlas_image = _smoothed(level, work_mm)
   stride = np.maximum(1, np.round(work_mm / sp).astype(int))
   # The brain's interior: its outline (brain against air) would swamp the structure.
