@@ -2,6 +2,34 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_tmp_path(tmp_path_factory) -> Path:
+  """A temporary directory shared by the xdist workers of this session (each worker has
+  its own base temp, under a common parent); the base temp itself without xdist."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def jax_cache_env(shared_tmp_path) -> dict:
+  """Environment for subprocesses that run JAX: one persistent compilation cache per
+  test session, shared by the workers, holding every program (not only those that
+  took over a second to compile). The cache key is a hash of the program, the XLA
+  flags, the devices and the jax version, and a hit loads the executable the first
+  compilation produced, so a run computes exactly what it would have computed
+  compiling anew; tiny training runs spend about two thirds of their time compiling."""
+  cache = shared_tmp_path / "jax_compilation_cache"
+  cache.mkdir(exist_ok=True)
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
 
 def pytest_terminal_summary(terminalreporter):
   """Prints the errors that tests recorded with ``record_property("parity", ...)``

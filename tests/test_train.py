@@ -1,6 +1,7 @@
 """The training command: resume after kill -9, data parallel on 4 devices and on 2
 processes, non-finite loss, bad config values. Tiny runs on the phantom."""
 
+import fcntl
 import json
 import os
 import signal
@@ -32,9 +33,24 @@ def train_command(workdir, *overrides, config="configs/sean.py:demo"):
           f"--workdir={workdir}", *TINY, *overrides]
 
 
+# Added to the environment of every run: one persistent compilation cache for the
+# session (conftest.jax_cache_env). The runs compile the same tiny programs, which
+# took most of each run's time.
+ENV = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(jax_cache_env):
+  ENV.update(jax_cache_env)
+
+
+def subprocess_env(env=None):
+  return {**os.environ, **ENV, **(env or {})}
+
+
 def run(cmd, env=None, timeout=300):
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=subprocess_env(env))
   return result
 
 
@@ -53,14 +69,23 @@ def assert_same_params(a, b, rtol=0.0, atol=0.0):
     np.testing.assert_allclose(a[1][k], b[1][k], rtol=rtol, atol=atol, err_msg=k)
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """An uninterrupted run: 4 alignment + 8 segmentation steps."""
-  workdir = tmp_path_factory.mktemp("reference")
-  result = run(train_command(workdir, "--config.align.num_train_steps=4",
-                             "--config.num_train_steps=8",
-                             "--config.checkpoint_every_steps=2"))
-  assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="session")
+def reference_run(shared_tmp_path, compilation_cache):  # pylint: disable=unused-argument
+  """An uninterrupted run: 4 alignment + 8 segmentation steps. Made once per session:
+  the first xdist worker that needs it runs it (under a file lock), the other reads
+  it. Returns (workdir, {"returncode", "stdout", "stderr"})."""
+  root = shared_tmp_path
+  workdir, record = root / "reference_run", root / "reference_run.json"
+  with open(root / "reference_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not record.exists():
+      result = run(train_command(workdir, "--config.align.num_train_steps=4",
+                                 "--config.num_train_steps=8",
+                                 "--config.checkpoint_every_steps=2"))
+      record.write_text(json.dumps({"returncode": result.returncode,
+                                    "stdout": result.stdout, "stderr": result.stderr}))
+  result = json.loads(record.read_text())
+  assert result["returncode"] == 0, result["stderr"][-3000:]
   return workdir, result
 
 
@@ -74,7 +99,7 @@ def test_run_writes_metrics_checkpoints_and_plots(reference_run):
   assert any("eval" in r for r in records)
   assert (workdir / "training_curves.png").stat().st_size > 0
   assert (workdir / "validation_slices.png").exists() or True  # no lesion -> no panel
-  assert "step 12/12" in result.stdout and "left" in result.stdout
+  assert "step 12/12" in result["stdout"] and "left" in result["stdout"]
   assert json.loads((workdir / "config.json").read_text())["variant"] == "sean"
   for step_dir in (workdir / "checkpoints").iterdir():  # each with its sha256 manifest
     assert (step_dir / checkpointing.MANIFEST).exists()
@@ -87,7 +112,7 @@ def test_resume_after_kill_9_and_damage_ends_with_the_same_parameters(reference_
   cmd = train_command(workdir, "--config.align.num_train_steps=4",
                       "--config.num_train_steps=8", "--config.checkpoint_every_steps=2")
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                          stderr=subprocess.STDOUT, text=True, env=subprocess_env())
   deadline = time.time() + 240
   # Kill once a checkpoint of the segmentation stage exists, mid-run.
   while time.time() < deadline and proc.poll() is None:
@@ -182,7 +207,8 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
                       "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
                       f"--coordinator=127.0.0.1:{port}", "--num_processes=2")
   procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env())
            for i in range(2)]
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
