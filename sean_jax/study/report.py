@@ -7,11 +7,14 @@ paired statistics per row (``python -m sean_jax.study``).
         [--angles -12,-6,0,6,12]
 
 For every finished run (``eval.json``): the threshold sweep of its test cases
-(``sweep.json``) and, with ``--template``, the false positives on the real normal head
+(``sweep.json``; inside the brain mask, without the component-size filter, whose size
+each run chose for itself on validation and which would make the curves incomparable) and, with ``--template``, the false positives on the real normal head
 (``normal_head.json``), each computed once and kept in the run's folder. Then
 ``WORKDIR/study.md`` and ``study.json``: per row, mean ± std over seeds of Dice,
-lesion F1, false-positive components and ml on the lesion-free test cases, lesion
-recall at matched false positives (0.5 and 1 per case, along the sweep), and the ml
+lesion F1, recall, precision and the false-positive components per lesion-free test
+case at the run's own postprocessing (``eval.json``), the false-positive ml per
+lesion-free case at threshold 0.5 (sweep), lesion recall at matched false positives (1, 2 and 4 components per case, along the
+sweep), and the ml
 predicted on the normal head; paired differences (bootstrap 95% CIs over test cases)
 of every row against the baseline and of SEAN against +Align+Self; and
 ``study_froc.png`` (recall against false positives per case, seed means).
@@ -33,7 +36,7 @@ __all__ = ["run_study", "main"]
 LABELS = {"hybrid": "Baseline (HybridUnet)", "align": "+Align",
           "align_self": "+Align+Self", "sean": "+Align+Self+Sym (SEAN)",
           "hybrid_ft_cc": "HybridUnet-FT-CC", "unet": "Unet"}
-MATCHED_FP = (0.5, 1.0)
+MATCHED_FP = (1.0, 2.0, 4.0)  # false-positive components per case (no size filter)
 PAIRS = (("hybrid", "align"), ("hybrid", "align_self"), ("hybrid", "sean"),
          ("hybrid", "hybrid_ft_cc"), ("align_self", "sean"))
 PAIR_STATS = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
@@ -66,7 +69,7 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
       _write_json({"settings": settings,
                    "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
                                               brain_mask=settings["brain_mask"],
-                                              min_size_ml=settings["min_size_ml"])},
+                                              min_size_ml=0.0)},
                   run_dir / "sweep.json")
     if need_head:
       _write_json({"template": str(template), "settings": settings,
@@ -133,9 +136,8 @@ def markdown(result: dict) -> str:
   cols = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
           ("precision", "precision"),
           ("FP comps / lesion-free case", "fp_components_lesion_free"),
-          ("FP ml / lesion-free case", "fp_ml_lesion_free"),
-          ("recall @ 0.5 FP/case", "recall_at_0.5_fp"),
-          ("recall @ 1 FP/case", "recall_at_1_fp"),
+          ("FP ml / lesion-free case @ 0.5, no size filter", "fp_ml_lesion_free"),
+          *((f"recall @ {fp:g} FP/case", f"recall_at_{fp:g}_fp") for fp in MATCHED_FP),
           ("normal head ml", "normal_head_ml"),
           ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"))
   lines = ["| Method | " + " | ".join(c for c, _ in cols) + " | seeds |",
@@ -173,7 +175,8 @@ def froc_figure(result: dict, path: Path) -> None:
   ax.set_xscale("symlog", linthresh=0.1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  ax.set_title("phantom test cases, thresholds 0.1-0.95 (seed means)", fontsize=8)
+  ax.set_title("phantom test cases, thresholds 0.1-0.99, brain mask, no size filter "
+               "(seed means)", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

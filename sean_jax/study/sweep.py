@@ -15,7 +15,7 @@ from sean_jax import metrics
 
 __all__ = ["DEFAULT_THRESHOLDS", "sweep_case", "sweep_cases", "curve", "recall_at_fp"]
 
-DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 def sweep_case(probs, ref, brain, spacing_mm, thresholds=DEFAULT_THRESHOLDS,
