@@ -5,8 +5,8 @@ data-parallel ones under "parallel/", the one-device ones under "single/".
 
 Run by tests/test_train.py in a subprocess (the device count is fixed at start-up):
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/data_parallel_grads.py OUT
-One process computes both: a second process for the one-device result compiled the
-same model initialisation again (~25 s of the test on 2 cores).
+One process computes both: a second process for the one-device result started and
+compiled everything again.
 """
 
 import sys
@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+import helpers  # tests/, this script's directory
 from sean_jax import config as base_config
-from sean_jax import checkpointing, trainer
+from sean_jax import trainer
 from sean_jax.data import pipeline, sources
 
 
@@ -28,7 +29,9 @@ def main(out):
   source = sources.case_source(config, "train")
   host_batch = next(pipeline.make_train_iterator(source, batch_size=8, slab_slices=3,
                                                  seed=0))
-  model = checkpointing.TrainState(config, 10, rngs=checkpointing.init_rngs(0)).model
+  # Parameters drawn by NumPy (helpers.fast_train_state): JAX's initialisers compile a
+  # program per parameter shape, most of the process's time, and any parameters do.
+  model = helpers.fast_train_state(config).model
   graphdef, state = nnx.split(model.segmenter)
 
   def loss_and_grads(state, batch):
