@@ -8,6 +8,20 @@ from pathlib import Path
 import pytest
 
 
+# Test files collected first. test_train.py starts the suite's longest subprocesses,
+# and four of its tests share one reference run (made once per session, under a lock):
+# first in the collection, the whole file lands in one pytest-xdist worker's first
+# batch, so no worker waits on the other's reference run, and the long runs start
+# early instead of among the last, small batches.
+RUN_FIRST = ("test_train.py",)
+
+
+def pytest_collection_modifyitems(items):
+  """Moves the tests of RUN_FIRST to the front, in their own order."""
+  first = lambda item: Path(str(item.fspath)).name in RUN_FIRST
+  items[:] = [i for i in items if first(i)] + [i for i in items if not first(i)]
+
+
 @pytest.fixture(scope="session")
 def shared_tmp_path(tmp_path_factory) -> Path:
   """A temporary directory shared by the xdist workers of this session (each worker has
