@@ -443,6 +443,11 @@ def add_aspects_flags(p: argparse.ArgumentParser) -> None:
                  help="a region is involved when the lesion covers this share of it")
 
 
+def check_aspects_flags(p: argparse.ArgumentParser, args) -> None:
+  if not 0.0 < args.aspects_fraction <= 1.0:
+    p.error(f"--aspects-fraction must lie in (0, 1], got {args.aspects_fraction}")
+
+
 def load_aspects_atlas(args):
   """The atlas of ``--aspects-atlas`` (None without it); ``CliError`` if unusable."""
   if args.aspects_atlas is None:
@@ -489,8 +494,7 @@ def _parse(argv):
   add_aspects_flags(p)
   args = p.parse_args(argv)
   check_postprocessing_flags(p, args)
-  if not 0.0 < args.aspects_fraction <= 1.0:
-    p.error(f"--aspects-fraction must lie in (0, 1], got {args.aspects_fraction}")
+  check_aspects_flags(p, args)
   if args.choose_postprocessing:
     if args.data is not None or args.split not in (None, "validation"):
       p.error("--choose-postprocessing chooses on the validation split: use it with "
@@ -655,9 +659,7 @@ def run(args) -> int:
         f", |dθ| {row['rot_err_deg']:.1f} deg, |dx| {row['shift_err_px']:.1f} px"
     if "aspects" in row:
       from sean_jax.clinical import aspects  # pylint: disable=g-import-not-at-top
-      frac = np.array([np.nan] + [np.nan if v is None else v
-                                  for v in row["aspects"]["pred_fractions"]])
-      pred = aspects.score_fractions(frac, args.aspects_fraction)["score"]
+      pred = aspects.predicted(row["aspects"], args.aspects_fraction)[0]["score"]
       extra += f", ASPECTS {pred} (true {row['aspects']['true_score']})"
     print(f"  {row['case_id']}: dice {row['dice']:.4f}, lesions found "
           f"{row['tp_ref']}/{row['tp_ref'] + row['fn_ref']}, false positives "

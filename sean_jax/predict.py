@@ -419,8 +419,7 @@ def _parse(argv):
   evaluate.check_postprocessing_flags(p, args)
   if args.regions and args.aspects_atlas is None:
     p.error("--regions needs --aspects-atlas DIR (the NCCT ASPECTS atlas)")
-  if not 0.0 < args.aspects_fraction <= 1.0:
-    p.error(f"--aspects-fraction must lie in (0, 1], got {args.aspects_fraction}")
+  evaluate.check_aspects_flags(p, args)
   from sean_jax.data import dicom  # pylint: disable=g-import-not-at-top
   args.dicom = dicom.is_dicom_dir(args.input)
   args.folder = os.path.isdir(args.input) and not args.dicom

@@ -46,7 +46,7 @@ __all__ = ["REGIONS", "AGE_GROUPS", "DEFAULT_AGE_GROUP", "DEFAULT_FRACTION",
            "GANGLIONIC_HALF_MM", "SUPRAGANGLIONIC_HALF_MM", "AtlasLevel", "Atlas",
            "load_atlas", "fit_slice", "find_levels", "map_regions", "regions_to_input",
            "involvement", "score", "score_fractions", "region_name", "regions_of_scan",
-           "case_row", "summarize", "FRACTION_CANDIDATES"]
+           "case_row", "predicted", "summarize", "FRACTION_CANDIDATES", "slabs"]
 
 REGIONS = ("C", "L", "IC", "I", "M1", "M2", "M3", "M4", "M5", "M6")
 AGE_GROUPS = ("10_29", "30_49", "50_69", "70_89")
@@ -306,18 +306,17 @@ def find_levels(image, brain, spacing_mm, atlas: Atlas) -> dict:
           "ncc": {"ganglionic": ncc_g, "supraganglionic": ncc_s}}
 
 
-def slabs(num_slices: int, slice_mm: float, ganglionic: int, supraganglionic) -> dict:
-  """Slices scored at each level: ``{"ganglionic": [...], "supraganglionic": [...]}``."""
-  z = np.arange(num_slices) * float(slice_mm)
-  zg = z[ganglionic]
-  gang = [int(s) for s in np.flatnonzero(np.abs(z - zg) <= GANGLIONIC_HALF_MM + 1e-6)]
-  supra = []
-  if supraganglionic is not None:
-    zs = z[supraganglionic]
-    supra = [int(s) for s in np.flatnonzero(
-        (np.abs(z - zs) <= SUPRAGANGLIONIC_HALF_MM + 1e-6)
-        & (z > zg + GANGLIONIC_HALF_MM + 1e-6))]
-  return {"ganglionic": gang, "supraganglionic": supra}
+def slabs(z_mm, ganglionic_mm: float, supraganglionic_mm: float | None) -> dict:
+  """Slices scored at each level, from the slices' heights ``z_mm`` (S,) and the two
+  levels' heights (mm): ``{"ganglionic": [...], "supraganglionic": [...]}``."""
+  z = np.asarray(z_mm, np.float64)
+  gang = np.abs(z - ganglionic_mm) <= GANGLIONIC_HALF_MM + 1e-6
+  supra = np.zeros(z.shape, bool)
+  if supraganglionic_mm is not None:
+    supra = ((np.abs(z - supraganglionic_mm) <= SUPRAGANGLIONIC_HALF_MM + 1e-6)
+             & (z > ganglionic_mm + GANGLIONIC_HALF_MM + 1e-6))
+  return {"ganglionic": np.flatnonzero(gang).tolist(),
+          "supraganglionic": np.flatnonzero(supra).tolist()}
 
 
 def map_regions(image, brain, spacing_mm, atlas: Atlas) -> tuple[np.ndarray, dict]:
@@ -330,7 +329,9 @@ def map_regions(image, brain, spacing_mm, atlas: Atlas) -> tuple[np.ndarray, dic
                      f"(S, H, W) shapes")
   sp = np.asarray(spacing_mm, np.float64)
   levels = find_levels(image, brain, sp, atlas)
-  chosen = slabs(image.shape[0], sp[0], levels["ganglionic"], levels["supraganglionic"])
+  z = np.arange(image.shape[0]) * sp[0]
+  s_s = levels["supraganglionic"]
+  chosen = slabs(z, z[levels["ganglionic"]], None if s_s is None else z[s_s])
   out = np.zeros(image.shape, np.uint8)
   _, width = image.shape[1:]
   left = (np.arange(width) > (width - 1) / 2.0)[None, :]
@@ -446,14 +447,17 @@ def case_row(pred_regions, pred_mask, true_regions, true_mask, truth_fraction: f
   """Per-case record for :func:`summarize`: the predicted involved fractions (on the
   mapped regions) and the true involvement (on the true regions)."""
   pred = involvement(pred_regions, pred_mask)
-  true = score(true_regions, true_mask, truth_fraction)
-  truth = np.nan_to_num(involvement(true_regions, true_mask), nan=0.0) >= truth_fraction
+  true_frac = involvement(true_regions, true_mask)
+  true = score_fractions(true_frac, truth_fraction)
+  truth = np.nan_to_num(true_frac, nan=0.0) >= truth_fraction
   return {"pred_fractions": [None if np.isnan(v) else float(v) for v in pred[1:]],
           "true_involved": [bool(v) for v in truth[1:]], "true_score": true["score"],
           "true_side": true["side"]}
 
 
-def _pred(row, fraction):
+def predicted(row: dict, fraction: float) -> tuple[dict, np.ndarray]:
+  """A :func:`case_row`'s predicted ASPECTS at ``fraction``: (:func:`score_fractions`,
+  (20,) bool involved regions)."""
   frac = np.array([np.nan] + [np.nan if v is None else v for v in row["pred_fractions"]])
   return score_fractions(frac, fraction), np.nan_to_num(frac[1:], nan=0.0) >= fraction
 
@@ -468,7 +472,7 @@ def summarize(rows: list[dict], fraction: float = DEFAULT_FRACTION) -> dict:
   def at(f):
     true_s, pred_s, tp, fn, tn, fp = [], [], 0, 0, 0, 0
     for row in rows:
-      pred, hit = _pred(row, f)
+      pred, hit = predicted(row, f)
       truth = np.asarray(row["true_involved"], bool)
       true_s.append(row["true_score"])
       pred_s.append(pred["score"])

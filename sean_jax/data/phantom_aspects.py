@@ -83,10 +83,9 @@ def true_regions(case: phantom.PhantomCase, seed: int, index: int,
   side = np.where(X > 0, 10, 0).astype(np.uint8)  # X > 0: the patient's left
   ax = np.abs(X)
   out = np.zeros(shape, np.uint8)
-  gang = np.abs(z - bz) <= aspects.GANGLIONIC_HALF_MM + 1e-6
-  zs = bz + SUPRA_ABOVE_MM
-  supra = ((np.abs(z - zs) <= aspects.SUPRAGANGLIONIC_HALF_MM + 1e-6)
-           & (z > bz + aspects.GANGLIONIC_HALF_MM + 1e-6))
+  chosen = aspects.slabs(z, bz, bz + SUPRA_ABOVE_MM)
+  gang, supra = (np.isin(np.arange(len(z)), chosen[k])
+                 for k in ("ganglionic", "supraganglionic"))
 
   def ellipsoid(centre, semi, yaw):  # signed distance on both sides (mirrored)
     return phantom._ellipsoid_distance(ax, Y, Z, centre, semi, yaw)  # pylint: disable=protected-access

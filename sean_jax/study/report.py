@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sean_jax import evaluate
 from sean_jax.study import normal_head, stats, sweep
 
 __all__ = ["run_study", "main"]
@@ -43,16 +44,10 @@ PAIR_STATS = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
               ("precision", "precision"), ("FP components per case", "fp_pred"))
 
 
-def _write_json(obj, path: Path) -> None:
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(path)
-
-
 def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES) -> dict:
   """The sweep (and normal-head) results of one run, computed once and cached."""
   # pylint: disable=g-import-not-at-top
-  from sean_jax import checkpointing, evaluate
+  from sean_jax import checkpointing
   from sean_jax.data import sources
   # pylint: enable=g-import-not-at-top
   out = {}
@@ -66,13 +61,13 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
       settings["refine"] = False
     if need_sweep:
       cases = sources.case_source(config, "test", brain_mask=settings["brain_mask"])
-      _write_json({"settings": settings,
+      evaluate.write_json_atomic({"settings": settings,
                    "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
                                               brain_mask=settings["brain_mask"],
                                               min_size_ml=0.0)},
                   run_dir / "sweep.json")
     if need_head:
-      _write_json({"template": str(template), "settings": settings,
+      evaluate.write_json_atomic({"template": str(template), "settings": settings,
                    "angles": normal_head.false_positives(model, config, template,
                                                          settings, angles=angles)},
                   run_dir / "normal_head.json")
@@ -215,7 +210,7 @@ def main(argv=None) -> int:
     return 1
   text = markdown(result)
   (args.workdir / "study.md").write_text(text)
-  _write_json(result, args.workdir / "study.json")
+  evaluate.write_json_atomic(result, args.workdir / "study.json")
   froc_figure(result, args.workdir / "study_froc.png")
   print(text)
   print(f"wrote {args.workdir / 'study.md'}, study.json, study_froc.png")
