@@ -483,17 +483,49 @@ def test_symmetry_attention_gradients(parity, rng, use_self, use_symmetry):
   check_grads(parity, jm, tm, grads)
 
 
+# A ReLU input closer to 0 than this may fall on different sides of the kink in the two
+# frameworks (their float32 roundings differ by ~1e-7..1e-6), and one element's
+# gradient then enters one side's sum and not the other's: seed 32 of the FT-CC check
+# put a decoder BatchNorm output at 8.5e-7 and its bias gradient off by 2.7e-2.
+RELU_KINK_MARGIN = 2e-6
+
+
+def smallest_relu_input(torch_model, run):
+  """min |x| over every value that enters a ReLU during ``run()`` (in these models:
+  every BatchNorm's output), and ``run()``'s result."""
+  seen = []
+  hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.detach().abs().min()))
+           for m in torch_model.modules()
+           if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))]
+  try:
+    out = run()
+  finally:
+    for h in hooks:
+      h.remove()
+  assert seen, "no BatchNorm ran: the kink check would be vacuous"
+  return float(min(seen)), out
+
+
 @pytest.mark.parametrize("variant,size", [
     ("sean", 64), ("hybrid_ft_cc", 32), ("unet_im_l1", 32)])
 def test_variant_gradients(parity, rng, variant, size):
   """One training step (train mode, BatchNorm batch statistics), jitted: the loss and
   the gradient of every parameter. SEAN at 64x64 so that each attention partition
-  holds several tokens (at 32x32 the query/key gradients would vanish)."""
+  holds several tokens (at 32x32 the query/key gradients would vanish). Inputs and
+  weights are drawn again (up to 10 times) while a ReLU input lies within
+  ``RELU_KINK_MARGIN`` of 0, where the gradient is not defined to float32 rounding."""
   options = model_options(variant)
-  slab = rng.normal(size=(2, 3, size, size, 1)).astype(np.float32)
-  labels = random_labels(rng, (2, size, size))
-  jm, tm = model_pair(rng, options)
-  set_mode(jm, tm, "train")
+  for _ in range(10):
+    slab = rng.normal(size=(2, 3, size, size, 1)).astype(np.float32)
+    labels = random_labels(rng, (2, size, size))
+    jm, tm = model_pair(rng, options)
+    set_mode(jm, tm, "train")
+    kink, want = smallest_relu_input(tm, lambda: ref.segmentation_loss(
+        tm(to_torch(slab)), torch.from_numpy(labels.astype(np.int64))))
+    if kink > RELU_KINK_MARGIN:
+      break
+  else:
+    pytest.fail(f"10 draws each put a ReLU input within {RELU_KINK_MARGIN} of 0")
 
   @nnx.jit
   def step(model, slab, labels):
@@ -501,8 +533,6 @@ def test_variant_gradients(parity, rng, variant, size):
         lambda m: losses.segmentation_loss(m(slab), labels))(model)
 
   value, grads = step(jm, jnp.asarray(slab), jnp.asarray(labels))
-  want = ref.segmentation_loss(tm(to_torch(slab)),
-                               torch.from_numpy(labels.astype(np.int64)))
   want.backward()
   parity.max_rel("segmentation", value, want, LOSS_RTOL, kind="loss")
   check_grads(parity, jm, tm, grads)
