@@ -103,7 +103,7 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
   assert set(out["table"]) == {"hybrid", "sean"}
   pair = next(p for p in out["pairs"] if (p["a"], p["b"]) == ("hybrid", "sean"))
   assert pair["Dice"]["diff"] == 0.0 and not pair["Dice"]["real"]
-  assert (workdir / "study_froc.png").exists() and (run / "sweep.json").exists()
+  assert (workdir / "study.png").exists() and (run / "sweep.json").exists()
   numbers = out["table"]["hybrid"][0]
   sweep_cases = json.loads((run / "sweep.json").read_text())["cases"]
   assert len(sweep_cases) == 2 and len(sweep_cases[0]["rows"]) == len(sweep.DEFAULT_THRESHOLDS)

@@ -17,7 +17,8 @@ lesion-free case at threshold 0.5 (sweep), lesion recall at matched false positi
 sweep), and the ml
 predicted on the normal head; paired differences (bootstrap 95% CIs over test cases)
 of every row against the baseline and of SEAN against +Align+Self; and
-``study_froc.png`` (recall against false positives per case, seed means).
+``study.png`` (recall against false positives per case, seed means; the normal
+head's ml per run).
 """
 
 from __future__ import annotations
@@ -156,22 +157,41 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def froc_figure(result: dict, path: Path) -> None:
+def figure(result: dict, path: Path) -> None:
+  """Two panels: lesion recall against false-positive components per case along the
+  threshold sweep (seed means), and the ml predicted on the normal head per run (one
+  dot per seed and angle mean; before and after the run's postprocessing)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 4))
+  fig, (froc, head) = plt.subplots(1, 2, figsize=(10, 4))
   for variant, curves in result["curves"].items():
     fp = np.mean([[p["fp_per_case"] for p in c] for c in curves], axis=0)
     rec = np.mean([[p["recall"] for p in c] for c in curves], axis=0)
-    ax.plot(fp, rec, "o-", ms=3, label=LABELS.get(variant, variant))
-  ax.set_xlabel("false-positive components per case")
-  ax.set_ylabel("lesion recall")
-  ax.set_xscale("symlog", linthresh=0.1)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  ax.set_title("phantom test cases, thresholds 0.1-0.99, brain mask, no size filter "
-               "(seed means)", fontsize=7)
+    froc.plot(fp, rec, "o-", ms=3, label=LABELS.get(variant, variant))
+  froc.set_xlabel("false-positive components per case")
+  froc.set_ylabel("lesion recall")
+  froc.set_xscale("symlog", linthresh=0.1)
+  froc.grid(alpha=0.3)
+  froc.legend(fontsize=7)
+  froc.set_title("phantom test cases: thresholds 0.1-0.99, brain mask, no size filter "
+                 "(seed means)", fontsize=7)
+  variants = list(result["table"])
+  for i, variant in enumerate(variants):
+    for key, marker, name in (("normal_head_ml_before_postprocessing", "o", "before"),
+                              ("normal_head_ml", "x", "after")):
+      ml = [n[key] for n in result["table"][variant] if key in n]
+      head.scatter([i] * len(ml), ml, marker=marker, color="C0" if name == "before" else "C3",
+                   label=f"{name} postprocessing" if i == 0 else None)
+  head.set_xticks(range(len(variants)))
+  head.set_xticklabels([LABELS.get(v, v) for v in variants], rotation=20, fontsize=7,
+                       ha="right")
+  head.set_ylabel("ml predicted (all false), mean over angles")
+  head.set_yscale("symlog", linthresh=0.1)
+  head.set_ylim(bottom=0.0)
+  head.grid(alpha=0.3)
+  head.legend(fontsize=7)
+  head.set_title("real normal head (CQ500 template), one dot per seed", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -211,7 +231,7 @@ def main(argv=None) -> int:
   text = markdown(result)
   (args.workdir / "study.md").write_text(text)
   evaluate.write_json_atomic(result, args.workdir / "study.json")
-  froc_figure(result, args.workdir / "study_froc.png")
+  figure(result, args.workdir / "study.png")
   print(text)
-  print(f"wrote {args.workdir / 'study.md'}, study.json, study_froc.png")
+  print(f"wrote {args.workdir / 'study.md'}, study.json, study.png")
   return 0
