@@ -28,6 +28,19 @@ def _highest_precision():
     yield
 
 
+@pytest.fixture
+def quick_compile():
+  """Most XLA optimisation passes off. At these tiny shapes compiling, not computing, is
+  a jitted test's time, and what such a test checks (finite gradients, two
+  implementations agreeing) does not depend on the passes."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def smooth_image(key, n, h, w):
   """Smooth random images: bilinear sampling is near exact on them."""
   coarse = jax.random.normal(key, (n, 4, 4, 1))
@@ -138,7 +151,7 @@ def test_attention_rejects_indivisible_partitions():
 # --- models -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_every_variant_has_finite_gradients(name):
+def test_every_variant_has_finite_gradients(name, quick_compile):
   net = SegmentationNet(ModelOptions(**TINY, **VARIANTS[name]), rngs=rngs())
   slab = jax.random.normal(jax.random.key(8), (2, 3, 32, 32, 1))
   labels = (jax.random.uniform(jax.random.key(9), (2, 32, 32)) > 0.8).astype(jnp.int32)
@@ -215,7 +228,7 @@ def test_depth_folded_conv_equals_xla_3d_conv(depth):
     np.testing.assert_allclose(g_folded, g_native, rtol=1e-5, atol=1e-4)
 
 
-def test_conv_choice_keeps_parameters_outputs_and_gradients():
+def test_conv_choice_keeps_parameters_outputs_and_gradients(quick_compile):
   """Every implementation of model.conv computes the same network from the same
   parameters: logits and the loss gradient of every parameter agree."""
   from sean_jax.ops import onednn
@@ -230,7 +243,7 @@ def test_conv_choice_keeps_parameters_outputs_and_gradients():
     else:
       first = net
     loss = lambda net: jnp.mean(jnp.square(net(slab)))
-    results.append((net(slab), nnx.grad(loss)(net)))
+    results.append(nnx.jit(lambda net: (net(slab), nnx.grad(loss)(net)))(net))
   for logits, grads in results[1:]:
     np.testing.assert_allclose(logits, results[0][0], rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5),
