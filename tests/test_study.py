@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import helpers  # tests/ is on sys.path under pytest
-from sean_jax.study import report, stats, sweep
+from sean_jax.study import normal_head, report, stats, sweep
 
 TEMPLATE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ct_template"
             / "template_with_skull_2mm.nii.gz")
@@ -113,3 +113,21 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
     assert numbers["normal_head_ml"] >= 0.0
   assert "Baseline (HybridUnet)" in capsys.readouterr().out
   assert report.main(["--workdir", str(tmp_path / "none")]) == 1
+
+
+def test_mirrored_fraction_of_a_posed_head():
+  """A blob and its mirror about the centre column count as mirrored, a one-sided blob
+  does not, also after the head was posed (the pose is undone first)."""
+  shape = (2, 40, 40)
+  zz, yy, xx = np.mgrid[:2, :40, :40]
+  right = (yy - 15) ** 2 + (xx - 10) ** 2 < 9
+  left = (yy - 15) ** 2 + (xx - 29) ** 2 < 9  # columns mirror as x -> 39 - x
+  assert normal_head.mirrored_fraction(np.zeros(shape, bool), 0.0) is None
+  assert normal_head.mirrored_fraction(right, 0.0) == 0.0
+  assert normal_head.mirrored_fraction(right | left, 0.0) == 1.0
+  both = normal_head.posed(np.where(right | left, 1000.0, -1000.0), 10.0,
+                           np.random.default_rng(0), noise_hu=0.0) > 0
+  one = normal_head.posed(np.where(right, 1000.0, -1000.0), 10.0,
+                          np.random.default_rng(0), noise_hu=0.0) > 0
+  assert normal_head.mirrored_fraction(both, 10.0) > 0.9
+  assert normal_head.mirrored_fraction(one, 10.0) == 0.0

@@ -17,7 +17,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["thick_slices", "template_volume", "posed", "false_positives"]
+__all__ = ["thick_slices", "template_volume", "posed", "mirrored_fraction",
+           "false_positives"]
 
 DEFAULT_ANGLES = (-12.0, -6.0, 0.0, 6.0, 12.0)
 
@@ -55,11 +56,30 @@ def posed(hu, angle_deg: float, rng, noise_hu: float = 4.0) -> np.ndarray:
   return (moved + rng.normal(scale=noise_hu, size=moved.shape)).astype(np.float32)
 
 
+def mirrored_fraction(mask, angle_deg: float) -> float | None:
+  """The share of a prediction on a head posed by :func:`posed` whose mirror image, about
+  the head's midline, is predicted too (to a pixel): (S, H, W) bool -> [0, 1], None
+  for an empty mask. The pose is undone first; the template's midline is its centre
+  column (to 1 mm, measured by mirror matching). Near 1: the false positives sit on
+  structures both hemispheres share, which a comparison with the mirrored side could
+  tell from an infarct; near 0: one-sided."""
+  mask = np.asarray(mask, bool)
+  if not mask.any():
+    return None
+  back = ndimage.rotate(mask.astype(np.uint8), -angle_deg, axes=(1, 2), reshape=False,
+                        order=0) > 0
+  if not back.any():
+    return None
+  mirror = ndimage.binary_dilation(back[:, :, ::-1], structure=np.ones((1, 3, 3), bool))
+  return float(np.count_nonzero(back & mirror) / np.count_nonzero(back))
+
+
 def false_positives(model, config, path, settings: dict, *, angles=DEFAULT_ANGLES,
                     seed: int = 0, threshold: float = 0.5) -> list[dict]:
   """Per angle: predicted ml and components after the run's postprocessing
-  (``settings``: ``evaluate.postprocess_settings``), and ml before it (threshold
-  only)."""
+  (``settings``: ``evaluate.postprocess_settings``), ml before it (threshold only), and
+  inside the brain mask without the size filter (comparable between runs, whose size
+  filters differ) its ml and :func:`mirrored_fraction`."""
   from sean_jax import metrics, predict  # pylint: disable=g-import-not-at-top
   hu, spacing = template_volume(path)
   rng = np.random.default_rng(seed)
@@ -75,5 +95,16 @@ def false_positives(model, config, path, settings: dict, *, angles=DEFAULT_ANGLE
                 "ml": float(np.count_nonzero(result["mask"])) * voxel_ml,
                 "components": int(metrics.label_components(result["mask"])[1]),
                 "ml_before_postprocessing": float(np.count_nonzero(
-                    result["probabilities"] > threshold)) * voxel_ml})
+                    result["probabilities"] > threshold)) * voxel_ml,
+                **in_brain(result, angle, threshold, voxel_ml)})
   return out
+
+
+def in_brain(result: dict, angle_deg: float, threshold: float, voxel_ml: float) -> dict:
+  """``predict_volume``'s thresholded probabilities inside its brain mask (all of them
+  without one): ml and :func:`mirrored_fraction`."""
+  found = result["probabilities"] > threshold
+  if result["brain"] is not None:
+    found &= result["brain"]
+  return {"ml_in_brain_no_size_filter": float(np.count_nonzero(found)) * voxel_ml,
+          "mirrored_fraction": mirrored_fraction(found, angle_deg)}

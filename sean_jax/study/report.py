@@ -53,7 +53,9 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
   # pylint: enable=g-import-not-at-top
   out = {}
   need_sweep = not (run_dir / "sweep.json").exists()
-  need_head = template is not None and not (run_dir / "normal_head.json").exists()
+  head_file = run_dir / "normal_head.json"
+  need_head = template is not None and (not head_file.exists() or any(
+      "mirrored_fraction" not in a for a in json.loads(head_file.read_text())["angles"]))
   if need_sweep or need_head:
     model, config, _ = checkpointing.load_model(run_dir)
     model.eval()
@@ -104,6 +106,16 @@ def _row_numbers(run: dict) -> dict:
     numbers["normal_head_ml"] = float(np.mean([a["ml"] for a in run["normal_head"]["angles"]]))
     numbers["normal_head_ml_before_postprocessing"] = float(np.mean(
         [a["ml_before_postprocessing"] for a in run["normal_head"]["angles"]]))
+    angles = run["normal_head"]["angles"]
+    if all("mirrored_fraction" in a for a in angles):  # absent in older files
+      numbers["normal_head_ml_in_brain"] = float(np.mean(
+          [a["ml_in_brain_no_size_filter"] for a in angles]))
+      # Pooled over the angles: weighted by the ml each share is of.
+      weighted = [(a["mirrored_fraction"], a["ml_in_brain_no_size_filter"])
+                  for a in angles if a["mirrored_fraction"] is not None]
+      numbers["normal_head_mirrored_share"] = (
+          float(sum(f * w for f, w in weighted) / sum(w for _, w in weighted))
+          if weighted else None)
   return numbers
 
 
@@ -135,7 +147,9 @@ def markdown(result: dict) -> str:
           ("FP ml / lesion-free case @ 0.5, no size filter", "fp_ml_lesion_free"),
           *((f"recall @ {fp:g} FP/case", f"recall_at_{fp:g}_fp") for fp in MATCHED_FP),
           ("normal head ml", "normal_head_ml"),
-          ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"))
+          ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"),
+          ("normal head ml in brain, no size filter", "normal_head_ml_in_brain"),
+          ("share of it mirrored", "normal_head_mirrored_share"))
   lines = ["| Method | " + " | ".join(c for c, _ in cols) + " | seeds |",
            "|" + " --- |" * (len(cols) + 2)]
   for variant, numbers in result["table"].items():
