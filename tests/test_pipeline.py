@@ -196,6 +196,21 @@ def test_resize_to_model_size():
   np.testing.assert_allclose(up, np.asarray(want), atol=1e-5)
 
 
+def test_tissue_labels_on_the_model_grid():
+  """``tissue=True``: the phantom's tissue codes at the pixel centres of the model grid
+  (every other pixel of the 64-pixel labels at 32), the lesion among them."""
+  from sean_jax.data import phantom  # pylint: disable=g-import-not-at-top
+  config = PhantomConfig(size=64, slices=6)
+  src = S.PhantomCaseSource(seed=0, num_cases=1, config=config, image_size=32,
+                            tissue=True)
+  labels = src.raw_case(0).labels
+  got = src[0]["tissue_labels"]
+  assert got.shape == (6, 32, 32) and got.dtype == labels.dtype
+  np.testing.assert_array_equal(got, labels[:, 1::2, 1::2])
+  assert "tissue_labels" not in S.PhantomCaseSource(seed=0, num_cases=1, config=config)[0]
+  assert (got == phantom.LABELS["white_matter"]).any()
+
+
 # ---------------------------------------------------------------- AISD via TFDS
 
 

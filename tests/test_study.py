@@ -35,6 +35,31 @@ def test_sweep_case_by_hand():
   assert sweep.sweep_case(probs, ref, brain, (5, 2, 2), thresholds=(0.3,))[0]["fp_pred"] == 0
 
 
+def test_distractors_flagged_by_hand():
+  """Distractor voxels predicted as lesion, counted per threshold and pooled per case."""
+  probs = np.zeros((1, 4, 6), np.float32)
+  probs[0, 0, :2] = 0.9  # half of the symmetric hypodensity (left)
+  probs[0, 3, 5] = 0.3
+  sym = np.zeros((1, 4, 6), bool)
+  sym[0, 0, :2] = sym[0, 0, 4:] = True
+  old = np.zeros((1, 4, 6), bool)
+  old[0, 3, 5] = True
+  rows = sweep.sweep_case(probs, np.zeros((1, 4, 6)), None, (5.0, 1.0, 1.0), (0.2, 0.5),
+                          distractors={"symmetric_hypodensity": sym, "old_infarct": old,
+                                       "calcification": np.zeros((1, 4, 6), bool)})
+  assert rows[0]["distractors"]["old_infarct"] == {"voxels": 1, "flagged": 1}
+  assert rows[1]["distractors"]["old_infarct"] == {"voxels": 1, "flagged": 0}
+  assert rows[1]["distractors"]["symmetric_hypodensity"] == {"voxels": 4, "flagged": 2}
+  cases = [{"case_id": "a", "has_lesion": False, "rows": rows},
+           {"case_id": "b", "has_lesion": False, "rows": [
+               {**r, "distractors": {}} for r in rows]}]  # a case without any
+  flagged = sweep.distractors_flagged(cases, 0.5)
+  assert flagged["symmetric_hypodensity"] == {"cases": 1, "cases_flagged": 1,
+                                              "voxel_share": 0.5}
+  assert flagged["old_infarct"]["cases_flagged"] == 0
+  assert flagged["calcification"] == {"cases": 0, "cases_flagged": 0, "voxel_share": None}
+
+
 def test_curve_and_recall_at_matched_false_positives():
   def case(has_lesion, rows):
     return {"has_lesion": has_lesion, "rows": [dict(r, fp_ml=r["pred_ml"] * (not has_lesion),
@@ -107,6 +132,8 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
   numbers = out["table"]["hybrid"][0]
   sweep_cases = json.loads((run / "sweep.json").read_text())["cases"]
   assert len(sweep_cases) == 2 and len(sweep_cases[0]["rows"]) == len(sweep.DEFAULT_THRESHOLDS)
+  assert set(sweep_cases[0]["rows"][0]["distractors"]) == set(sweep.DISTRACTORS)
+  assert "symmetric_hypodensity_voxel_share" in numbers
   if TEMPLATE.exists():
     head = json.loads((run / "normal_head.json").read_text())["angles"]
     assert [a["angle_deg"] for a in head] == [7.0]

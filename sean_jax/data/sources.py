@@ -41,10 +41,12 @@ SPLITS = ("train", "validation", "test")
 AISD_LESION_LABELS = (1, 2, 3, 5)
 
 
-def case_source(config, split: str, *, brain_mask: bool = False, aspects: bool = False):
+def case_source(config, split: str, *, brain_mask: bool = False, aspects: bool = False,
+                tissue: bool = False):
   """Case source of ``split`` for ``config.data`` (see sean_jax/config.py); with
   ``brain_mask`` its cases carry ``"brain"``, with ``aspects`` the phantom's cases carry
-  ``"aspects_regions"``, their true ASPECTS regions (for evaluation)."""
+  ``"aspects_regions"``, their true ASPECTS regions, with ``tissue`` their
+  ``"tissue_labels"`` (for evaluation)."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   data = config.data
@@ -60,7 +62,8 @@ def case_source(config, split: str, *, brain_mask: bool = False, aspects: bool =
                                       start_index=start, image_size=size,
                                       window=tuple(data.hu_window),
                                       shared_cache=data.get("phantom_cache_cases", 0),
-                                      brain_mask=brain_mask, aspects=aspects)
+                                      brain_mask=brain_mask, aspects=aspects,
+                                      tissue=tissue)
   if data.source == "aisd":
     data_dir = os.path.expanduser(data.aisd_data_dir)
     try:
@@ -91,13 +94,14 @@ class PhantomCaseSource:
 
   Intensities are HU: ``window_and_normalize(window)``; masks are already 0/1. With
   ``aspects`` a case carries ``"aspects_regions"``: (S, H, W) uint8 codes 0-20 of its
-  true ASPECTS regions (``sean_jax.data.phantom_aspects``), resized by nearest
-  neighbour.
+  true ASPECTS regions (``sean_jax.data.phantom_aspects``), with ``tissue``
+  ``"tissue_labels"``: (S, H, W) uint8 codes of ``phantom.LABELS`` (which tissue each
+  voxel is, distractors included); both resized by nearest neighbour.
   """
 
   def __init__(self, seed: int, num_cases: int, config=None, start_index: int = 0, *,
                image_size=None, window=None, shared_cache: int = 0,
-               brain_mask: bool = False, aspects: bool = False):
+               brain_mask: bool = False, aspects: bool = False, tissue: bool = False):
     if num_cases < 1:
       raise ValueError(f"PhantomCaseSource: num_cases must be >= 1, got {num_cases}")
     self.seed, self.num_cases, self.start_index = int(seed), int(num_cases), int(start_index)
@@ -105,6 +109,7 @@ class PhantomCaseSource:
     self.image_size, self.window = preprocess.as_size(image_size), window
     self.brain_mask = bool(brain_mask)
     self.aspects = bool(aspects)
+    self.tissue = bool(tissue)
     # Prepared cases kept for every source of this process (a run of many trainings on
     # the same cases, such as sean_jax.tables, makes each case once); 0: no cache.
     self.shared_cache = int(shared_cache)
@@ -126,7 +131,7 @@ class PhantomCaseSource:
       return self._prepare(i)
     key = (self.seed, self.start_index + _check_index(i, len(self)), self.config,
            self.image_size, None if self.window is None else tuple(self.window),
-           self.brain_mask, self.aspects)
+           self.brain_mask, self.aspects, self.tissue)
     with _PHANTOM_CACHE_LOCK:
       case = _PHANTOM_CACHE.pop(key, None)
     if case is None:
@@ -145,15 +150,23 @@ class PhantomCaseSource:
                                   image_size=self.image_size,
                                   pose=_pose_alpha(case.pose, h, w),
                                   spacing_mm=case.spacing_mm, brain_mask=self.brain_mask)
+    height, width = out["image"].shape[1:]
     if self.aspects:
       from sean_jax.data import phantom_aspects  # pylint: disable=g-import-not-at-top
       regions = phantom_aspects.true_regions(case, self.seed, self.start_index + int(i),
                                              self.config)
-      height, width = out["image"].shape[1:]
-      rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(int), h - 1)
-      cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(int), w - 1)
-      out["aspects_regions"] = np.ascontiguousarray(regions[:, rows][:, :, cols])
+      out["aspects_regions"] = _nearest(regions, height, width)
+    if self.tissue:
+      out["tissue_labels"] = _nearest(case.labels, height, width)
     return out
+
+
+def _nearest(labels, height: int, width: int) -> np.ndarray:
+  """(S, h, w) label codes -> (S, height, width), nearest pixel centre."""
+  _, h, w = labels.shape
+  rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(int), h - 1)
+  cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(int), w - 1)
+  return np.ascontiguousarray(labels[:, rows][:, :, cols])
 
 
 _PHANTOM_CACHE: dict = {}  # see PhantomCaseSource.shared_cache

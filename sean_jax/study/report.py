@@ -41,8 +41,16 @@ LABELS = {"hybrid": "Baseline (HybridUnet)", "align": "+Align",
 MATCHED_FP = (1.0, 2.0, 4.0)  # false-positive components per case (no size filter)
 PAIRS = (("hybrid", "align"), ("hybrid", "align_self"), ("hybrid", "sean"),
          ("hybrid", "hybrid_ft_cc"), ("align_self", "sean"))
+# Of the per-run files: 2 added the distractors to sweep.json and the in-brain ml and its
+# mirrored share to normal_head.json; older files are computed again.
+VERSION = 2
+SYM_PAIR = "sym. hypodensity voxels flagged"
 PAIR_STATS = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
               ("precision", "precision"), ("FP components per case", "fp_pred"))
+
+
+def _stale(path: Path) -> bool:
+  return not path.exists() or json.loads(path.read_text()).get("version", 1) < VERSION
 
 
 def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES) -> dict:
@@ -52,10 +60,8 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
   from sean_jax.data import sources
   # pylint: enable=g-import-not-at-top
   out = {}
-  need_sweep = not (run_dir / "sweep.json").exists()
-  head_file = run_dir / "normal_head.json"
-  need_head = template is not None and (not head_file.exists() or any(
-      "mirrored_fraction" not in a for a in json.loads(head_file.read_text())["angles"]))
+  need_sweep = _stale(run_dir / "sweep.json")
+  need_head = template is not None and _stale(run_dir / "normal_head.json")
   if need_sweep or need_head:
     model, config, _ = checkpointing.load_model(run_dir)
     model.eval()
@@ -63,14 +69,16 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
     if not model.aligner:
       settings["refine"] = False
     if need_sweep:
-      cases = sources.case_source(config, "test", brain_mask=settings["brain_mask"])
-      evaluate.write_json_atomic({"settings": settings,
+      cases = sources.case_source(config, "test", brain_mask=settings["brain_mask"],
+                                  tissue=True)
+      evaluate.write_json_atomic({"version": VERSION, "settings": settings,
                    "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
                                               brain_mask=settings["brain_mask"],
                                               min_size_ml=0.0)},
                   run_dir / "sweep.json")
     if need_head:
-      evaluate.write_json_atomic({"template": str(template), "settings": settings,
+      evaluate.write_json_atomic({"version": VERSION, "template": str(template),
+                                  "settings": settings,
                    "angles": normal_head.false_positives(model, config, template,
                                                          settings, angles=angles)},
                   run_dir / "normal_head.json")
@@ -102,6 +110,10 @@ def _row_numbers(run: dict) -> dict:
                                           if free else None)
   for fp in MATCHED_FP:
     numbers[f"recall_at_{fp:g}_fp"] = sweep.recall_at_fp(points, fp)
+  for name, d in sweep.distractors_flagged(run["sweep"]["cases"]).items():
+    numbers[f"{name}_voxel_share"] = d["voxel_share"]
+    numbers[f"{name}_cases_flagged"] = (d["cases_flagged"] / d["cases"]
+                                        if d["cases"] else None)
   if "normal_head" in run:
     numbers["normal_head_ml"] = float(np.mean([a["ml"] for a in run["normal_head"]["angles"]]))
     numbers["normal_head_ml_before_postprocessing"] = float(np.mean(
@@ -119,6 +131,18 @@ def _row_numbers(run: dict) -> dict:
   return numbers
 
 
+def _symmetric_flagged(sweep_result: dict, threshold: float = 0.5) -> dict:
+  """eval.json-like ``{"cases": [{"case_id", "flagged"}]}``: per test case with a
+  symmetric hypodensity, the share of its voxels predicted as lesion at ``threshold``."""
+  rows = []
+  for case in sweep_result["cases"]:
+    row = next(r for r in case["rows"] if r["threshold"] == threshold)
+    d = row.get("distractors", {}).get("symmetric_hypodensity", {"voxels": 0})
+    if d["voxels"]:
+      rows.append({"case_id": case["case_id"], "flagged": d["flagged"] / d["voxels"]})
+  return {"cases": rows}
+
+
 def run_study(workdir: Path, rows, seeds, template=None,
               angles=normal_head.DEFAULT_ANGLES) -> dict:
   runs: dict = {}
@@ -133,37 +157,64 @@ def run_study(workdir: Path, rows, seeds, template=None,
   for a, b in PAIRS:
     if a in runs and b in runs:
       ra, rb = [r["eval"] for r in runs[a]], [r["eval"] for r in runs[b]]
-      pairs.append({"a": a, "b": b, **{name: stats.paired_difference(ra, rb, key)
-                                        for name, key in PAIR_STATS}})
+      pair = {"a": a, "b": b, **{name: stats.paired_difference(ra, rb, key)
+                                 for name, key in PAIR_STATS}}
+      sa, sb = ([_symmetric_flagged(r["sweep"]) for r in runs[v]] for v in (a, b))
+      if all(r["cases"] for r in sa + sb):
+        pair[SYM_PAIR] = stats.paired_difference(sa, sb, "flagged")
+      pairs.append(pair)
   curves = {v: [sweep.curve(r["sweep"]["cases"]) for r in rs] for v, rs in runs.items()}
   return {"table": table, "pairs": pairs, "curves": curves,
           "seeds": {v: len(rs) for v, rs in runs.items()}}
 
 
-def markdown(result: dict) -> str:
-  cols = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
-          ("precision", "precision"),
-          ("FP comps / lesion-free case", "fp_components_lesion_free"),
-          ("FP ml / lesion-free case @ 0.5, no size filter", "fp_ml_lesion_free"),
-          *((f"recall @ {fp:g} FP/case", f"recall_at_{fp:g}_fp") for fp in MATCHED_FP),
-          ("normal head ml", "normal_head_ml"),
-          ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"),
-          ("normal head ml in brain, no size filter", "normal_head_ml_in_brain"),
-          ("share of it mirrored", "normal_head_mirrored_share"))
+DETECTION_COLUMNS = (
+    ("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
+    ("precision", "precision"),
+    *((f"recall @ {fp:g} FP/case", f"recall_at_{fp:g}_fp") for fp in MATCHED_FP))
+SPECIFICITY_COLUMNS = (
+    ("FP comps / lesion-free case", "fp_components_lesion_free"),
+    ("FP ml / lesion-free case @ 0.5, no size filter", "fp_ml_lesion_free"),
+    ("sym. hypodensity: cases flagged", "symmetric_hypodensity_cases_flagged"),
+    ("sym. hypodensity: voxels flagged", "symmetric_hypodensity_voxel_share"),
+    ("old infarct: voxels flagged", "old_infarct_voxel_share"),
+    ("calcification: voxels flagged", "calcification_voxel_share"),
+    ("normal head ml", "normal_head_ml"),
+    ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"),
+    ("normal head ml in brain, no size filter", "normal_head_ml_in_brain"),
+    ("share of it mirrored", "normal_head_mirrored_share"))
+
+
+def _table(result: dict, cols) -> list[str]:
   lines = ["| Method | " + " | ".join(c for c, _ in cols) + " | seeds |",
            "|" + " --- |" * (len(cols) + 2)]
   for variant, numbers in result["table"].items():
     cells = [_ms([n.get(k) for n in numbers]) for _, k in cols]
     lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells)
                  + f" | {len(numbers)} |")
+  return lines
+
+
+def markdown(result: dict) -> str:
+  names = [n for n, _ in PAIR_STATS] + (
+      [SYM_PAIR] if any(SYM_PAIR in p for p in result["pairs"]) else [])
+  lines = ["Detection on the phantom test cases (mean ± std over seeds; recall at matched "
+           "false positives along the threshold sweep):", "",
+           *_table(result, DETECTION_COLUMNS), "",
+           "Specificity: phantom test cases (distractors flagged at 0.5, inside the "
+           "brain, no size filter) and the real normal head (every ml is false):", "",
+           *_table(result, SPECIFICITY_COLUMNS)]
   lines += ["", "Paired differences B - A over the test cases (seed means per case), "
             "bootstrap 95% CI; **bold** where the interval excludes 0:", "",
-            "| A | B | " + " | ".join(n for n, _ in PAIR_STATS) + " |",
-            "|" + " --- |" * (len(PAIR_STATS) + 2)]
+            "| A | B | " + " | ".join(names) + " |",
+            "|" + " --- |" * (len(names) + 2)]
   for pair in result["pairs"]:
     cells = []
-    for name, _ in PAIR_STATS:
-      d = pair[name]
+    for name in names:
+      d = pair.get(name)
+      if d is None:
+        cells.append("–")
+        continue
       cell = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
       cells.append(f"**{cell}**" if d["real"] else cell)
     lines.append(f"| {LABELS.get(pair['a'], pair['a'])} | {LABELS.get(pair['b'], pair['b'])}"

@@ -4,7 +4,10 @@ For each case the model's probabilities are computed once (with the run's refine
 and brain mask: ``sean_jax.evaluate.segment_case``) and thresholded at every value of
 ``thresholds``; the component-size filter (``min_size_ml``) follows, as in evaluate.
 Per case and threshold: reference lesions found / missed, predicted components that
-touch a lesion / do not, predicted ml, and the voxel counts for Dice.
+touch a lesion / do not, predicted ml, and the voxel counts for Dice; for a phantom case
+also how many voxels of each distractor (``DISTRACTORS``: hypodensities that are not
+acute infarcts, among them the bilateral ones that a comparison with the mirrored side
+should not flag) were predicted as lesion.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ import numpy as np
 
 from sean_jax import metrics
 
-__all__ = ["DEFAULT_THRESHOLDS", "sweep_case", "sweep_cases", "curve", "recall_at_fp"]
+__all__ = ["DEFAULT_THRESHOLDS", "DISTRACTORS", "sweep_case", "sweep_cases", "curve",
+           "recall_at_fp", "distractors_flagged"]
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+DISTRACTORS = ("symmetric_hypodensity", "old_infarct", "calcification")
 
 
 def sweep_case(probs, ref, brain, spacing_mm, thresholds=DEFAULT_THRESHOLDS,
-               min_size_ml: float = 0.0) -> list[dict]:
-  """One case: a row per threshold (``probs``, ``ref``, ``brain``: (S, H, W))."""
+               min_size_ml: float = 0.0, distractors: dict | None = None) -> list[dict]:
+  """One case: a row per threshold (``probs``, ``ref``, ``brain``: (S, H, W);
+  ``distractors``: ``{name: (S, H, W) bool}``, counted in ``row["distractors"]`` as
+  ``{name: {"voxels", "flagged"}}``)."""
   from sean_jax.clinical import postprocess  # pylint: disable=g-import-not-at-top
   probs = np.asarray(probs, np.float32)
   ref = np.asarray(ref) != 0
@@ -40,6 +47,11 @@ def sweep_case(probs, ref, brain, spacing_mm, thresholds=DEFAULT_THRESHOLDS,
                  "pred_voxels": int(np.count_nonzero(pred)),
                  "ref_voxels": int(np.count_nonzero(ref)),
                  "dice": metrics.dice(pred, ref)})
+    if distractors is not None:
+      rows[-1]["distractors"] = {
+          name: {"voxels": int(np.count_nonzero(where)),
+                 "flagged": int(np.count_nonzero(pred & where))}
+          for name, where in distractors.items()}
   return rows
 
 
@@ -57,9 +69,30 @@ def sweep_cases(model, cases, *, thresholds=DEFAULT_THRESHOLDS, refine: bool = T
                                            brain_mask=False)
     brain = case.get("brain") if brain_mask else None
     ref = np.asarray(case["mask"]) != 0
+    distractors = None
+    if "tissue_labels" in case:
+      from sean_jax.data.phantom import LABELS  # pylint: disable=g-import-not-at-top
+      distractors = {name: np.asarray(case["tissue_labels"]) == LABELS[name]
+                     for name in DISTRACTORS}
     out.append({"case_id": case["case_id"], "has_lesion": bool(ref.any()),
                 "rows": sweep_case(probs, ref, brain, case["spacing_mm"], thresholds,
-                                   min_size_ml)})
+                                   min_size_ml, distractors)})
+  return out
+
+
+def distractors_flagged(cases: list[dict], threshold: float = 0.5) -> dict:
+  """Per distractor over the cases that have one, at ``threshold``: ``{name: {"cases",
+  "cases_flagged" (any voxel predicted), "voxel_share" (predicted / all, pooled)}}``."""
+  out = {}
+  for name in DISTRACTORS:
+    rows = [r["distractors"][name] for c in cases for r in c["rows"]
+            if r["threshold"] == threshold and r.get("distractors", {}).get(name, {})
+            .get("voxels", 0) > 0]
+    out[name] = {"cases": len(rows),
+                 "cases_flagged": sum(r["flagged"] > 0 for r in rows),
+                 "voxel_share": (metrics.safe_ratio(sum(r["flagged"] for r in rows),
+                                                    sum(r["voxels"] for r in rows))
+                                 if rows else None)}
   return out
 
 
