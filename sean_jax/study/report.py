@@ -110,6 +110,12 @@ def _row_numbers(run: dict) -> dict:
                                           if free else None)
   for fp in MATCHED_FP:
     numbers[f"recall_at_{fp:g}_fp"] = sweep.recall_at_fp(points, fp)
+  # Pooled at 0.5: how much of the acute infarcts the run calls lesion, the measure the
+  # distractors' shares are read against (the same contrast, 2-8 HU).
+  rows = [r for c in run["sweep"]["cases"] for r in c["rows"] if r["threshold"] == 0.5]
+  ref = sum(r["ref_voxels"] for r in rows)
+  numbers["infarct_voxel_share"] = (sum(r["intersection"] for r in rows) / ref
+                                    if ref else None)
   for name, d in sweep.distractors_flagged(run["sweep"]["cases"]).items():
     numbers[f"{name}_voxel_share"] = d["voxel_share"]
     numbers[f"{name}_cases_flagged"] = (d["cases_flagged"] / d["cases"]
@@ -175,6 +181,7 @@ DETECTION_COLUMNS = (
 SPECIFICITY_COLUMNS = (
     ("FP comps / lesion-free case", "fp_components_lesion_free"),
     ("FP ml / lesion-free case @ 0.5, no size filter", "fp_ml_lesion_free"),
+    ("acute infarct: voxels found", "infarct_voxel_share"),
     ("sym. hypodensity: cases flagged", "symmetric_hypodensity_cases_flagged"),
     ("sym. hypodensity: voxels flagged", "symmetric_hypodensity_voxel_share"),
     ("old infarct: voxels flagged", "old_infarct_voxel_share"),
