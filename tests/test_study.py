@@ -134,6 +134,8 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
   assert len(sweep_cases) == 2 and len(sweep_cases[0]["rows"]) == len(sweep.DEFAULT_THRESHOLDS)
   assert set(sweep_cases[0]["rows"][0]["distractors"]) == set(sweep.DISTRACTORS)
   assert "symmetric_hypodensity_voxel_share" in numbers
+  curve = out["validation"]["hybrid"][0]  # the tiny training's evaluations
+  assert curve and all(0.0 <= dice <= 1.0 for _, dice in curve)
   if TEMPLATE.exists():
     head = json.loads((run / "normal_head.json").read_text())["angles"]
     assert [a["angle_deg"] for a in head] == [7.0]

@@ -86,7 +86,17 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
   if (run_dir / "normal_head.json").exists():
     out["normal_head"] = json.loads((run_dir / "normal_head.json").read_text())
   out["eval"] = json.loads((run_dir / "eval.json").read_text())
+  out["validation"] = validation_curve(run_dir)
   return out
+
+
+def validation_curve(run_dir: Path) -> list[list]:
+  """[[step, validation case-mean Dice], ...] of the evaluations along training."""
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [[r["step"], r["eval"]["dice_case_mean"]] for r in rows if "eval" in r]
 
 
 def _ms(values) -> str:
@@ -171,6 +181,7 @@ def run_study(workdir: Path, rows, seeds, template=None,
       pairs.append(pair)
   curves = {v: [sweep.curve(r["sweep"]["cases"]) for r in rs] for v, rs in runs.items()}
   return {"table": table, "pairs": pairs, "curves": curves,
+          "validation": {v: [r["validation"] for r in rs] for v, rs in runs.items()},
           "seeds": {v: len(rs) for v, rs in runs.items()}}
 
 
@@ -211,6 +222,13 @@ def markdown(result: dict) -> str:
            "Specificity: phantom test cases (distractors flagged at 0.5, inside the "
            "brain, no size filter) and the real normal head (every ml is false):", "",
            *_table(result, SPECIFICITY_COLUMNS)]
+  lines += ["", "Validation Dice along training (mean over seeds; whether the curves "
+            "flattened):", ""]
+  for variant, curves in result.get("validation", {}).items():
+    steps = sorted({step for c in curves for step, _ in c})
+    cells = [f"{step}: {np.mean([d for c in curves for st, d in c if st == step]):.3f}"
+             for step in steps]
+    lines.append(f"- {LABELS.get(variant, variant)}: " + ", ".join(cells))
   lines += ["", "Paired differences B - A over the test cases (seed means per case), "
             "bootstrap 95% CI; **bold** where the interval excludes 0:", "",
             "| A | B | " + " | ".join(names) + " |",
