@@ -8,16 +8,25 @@ paired statistics per row (``python -m sean_jax.study``).
 
 For every finished run (``eval.json``): the threshold sweep of its test cases
 (``sweep.json``; inside the brain mask, without the component-size filter, whose size
-each run chose for itself on validation and which would make the curves incomparable) and, with ``--template``, the false positives on the real normal head
-(``normal_head.json``), each computed once and kept in the run's folder. Then
-``WORKDIR/study.md`` and ``study.json``: per row, mean ± std over seeds of Dice,
-lesion F1, recall, precision and the false-positive components per lesion-free test
-case at the run's own postprocessing (``eval.json``), the false-positive ml per
-lesion-free case at threshold 0.5 (sweep), lesion recall at matched false positives (1, 2 and 4 components per case, along the
-sweep), and the ml
-predicted on the normal head; paired differences (bootstrap 95% CIs over test cases)
-of every row against the baseline and of SEAN against +Align+Self; and
-``study.png`` (recall against false positives per case, seed means; the normal
+each run chose for itself on validation and which would make the curves
+incomparable; with the phantom's distractors counted) and, with ``--template``, the
+false positives on the real normal head (``normal_head.json``), each computed once and
+kept in the run's folder. Then ``WORKDIR/study.md`` and ``study.json``, per row as
+mean ± std over seeds:
+
+- detection: Dice, lesion F1, recall and precision at the run's own postprocessing
+  (``eval.json``), and lesion recall at matched false positives (1, 2 and 4 components
+  per case, along the sweep);
+- specificity: false-positive components per lesion-free test case, false-positive ml
+  per lesion-free case at 0.5, the share of the acute infarcts' voxels found and of
+  each distractor's voxels flagged (symmetric hypodensities, old infarcts,
+  calcifications), and on the normal head the ml after and before postprocessing, inside
+  the brain, and the share of it whose mirror image is predicted too;
+- validation Dice along training;
+- paired differences (bootstrap 95% CIs over test cases) of every row against the
+  baseline and of SEAN against +Align+Self;
+
+and ``study.png`` (recall against false positives per case, seed means; the normal
 head's ml per run).
 """
 
