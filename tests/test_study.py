@@ -141,7 +141,7 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
   if TEMPLATE.exists():
     head = json.loads((run / "normal_head.json").read_text())["angles"]
     assert [a["angle_deg"] for a in head] == [7.0]
-    assert numbers["normal_head_ml"] >= 0.0
+    assert numbers["normal_head_ml"] >= 0.0 and numbers["normal_head_components"] >= 0.0
   assert "Baseline (HybridUnet)" in capsys.readouterr().out
   assert report.main(["--workdir", str(tmp_path / "none")]) == 1
 

@@ -141,6 +141,8 @@ def _row_numbers(run: dict) -> dict:
                                         if d["cases"] else None)
   if "normal_head" in run:
     numbers["normal_head_ml"] = float(np.mean([a["ml"] for a in run["normal_head"]["angles"]]))
+    numbers["normal_head_components"] = float(np.mean(
+        [a["components"] for a in run["normal_head"]["angles"]]))
     numbers["normal_head_ml_before_postprocessing"] = float(np.mean(
         [a["ml_before_postprocessing"] for a in run["normal_head"]["angles"]]))
     angles = run["normal_head"]["angles"]
@@ -207,6 +209,7 @@ SPECIFICITY_COLUMNS = (
     ("old infarct: voxels flagged", "old_infarct_voxel_share"),
     ("calcification: voxels flagged", "calcification_voxel_share"),
     ("normal head ml", "normal_head_ml"),
+    ("normal head components", "normal_head_components"),
     ("normal head ml, no postproc.", "normal_head_ml_before_postprocessing"),
     ("normal head ml in brain, no size filter", "normal_head_ml_in_brain"),
     ("share of it mirrored", "normal_head_mirrored_share"))
