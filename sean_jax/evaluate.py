@@ -538,7 +538,7 @@ def load_config_file(spec: str):
                    f"{_one_line(e)[:300]})") from None
 
 
-def _override_data(config, spec):
+def override_data(config, spec):
   """The run's config with the data settings of the config file ``spec``."""
   from sean_jax import checkpointing  # pylint: disable=g-import-not-at-top
   other = load_config_file(spec)
@@ -620,7 +620,7 @@ def run(args) -> int:
   if checkpoint == "best" and not (Path(args.workdir) / "checkpoints_best").is_dir():
     checkpoint = "latest (no best checkpoint)"
   if args.config is not None:
-    config = _override_data(config, args.config)
+    config = override_data(config, args.config)
   settings = postprocess_settings(args.workdir, config, refine=args.refine,
                                   brain_mask=args.brain_mask,
                                   min_size_ml=args.min_size_ml)

@@ -145,6 +145,23 @@ def test_study_of_a_tables_workdir(tmp_path, capsys):
   assert "Baseline (HybridUnet)" in capsys.readouterr().out
   assert report.main(["--workdir", str(tmp_path / "none")]) == 1
 
+  # Other test cases (a config file's test split; the rows' model settings unchanged):
+  # tagged files beside the run's own, which stay as they were.
+  other = tmp_path / "other.py"
+  other.write_text("import helpers\n\ndef get_config(row):\n"
+                   "  c = helpers.tiny_config('sean')\n"
+                   "  c.data.num_train_cases = 5  # test cases 6 and 7\n  return c\n")
+  own = (run / "eval.json").read_text()
+  assert report.main(argv + ["--rows", "hybrid", "--test-config", str(other),
+                             "--tag", "other"]) == 0
+  ids = [r["case_id"] for r in json.loads((run / "eval_other.json").read_text())["cases"]]
+  assert ids == ["phantom_1234_00006", "phantom_1234_00007"]
+  assert [c["case_id"] for c in json.loads((run / "sweep_other.json").read_text())
+          ["cases"]] == ids
+  assert (workdir / "study_other.md").exists() and (run / "eval.json").read_text() == own
+  with pytest.raises(SystemExit):
+    report.main(argv + ["--tag", "other"])  # without --test-config
+
 
 def test_mirrored_fraction_of_a_posed_head():
   """A blob and its mirror about the centre column count as mirrored, a one-sided blob

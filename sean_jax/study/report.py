@@ -4,7 +4,7 @@ paired statistics per row (``python -m sean_jax.study``).
     python -m sean_jax.study --workdir workdirs/tables128
         [--rows hybrid,align,align_self,sean,hybrid_ft_cc] [--seeds 0,1,2]
         [--template ../shared/data/ct_template/template_with_skull_2mm.nii.gz]
-        [--angles -12,-6,0,6,12]
+        [--angles -12,-6,0,6,12] [--test-config FILE.py --tag NAME]
 
 For every finished run (``eval.json``): the threshold sweep of its test cases
 (``sweep.json``; inside the brain mask, without the component-size filter, whose size
@@ -62,18 +62,33 @@ def _stale(path: Path) -> bool:
   return not path.exists() or json.loads(path.read_text()).get("version", 1) < VERSION
 
 
-def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES) -> dict:
-  """The sweep (and normal-head) results of one run, computed once and cached."""
+def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES,
+                test=None) -> dict:
+  """The sweep (and normal-head) results of one run, computed once and cached.
+
+  ``test``: None for the run's own test split (``eval.json``, ``sweep.json``), or
+  ``(config_spec, tag)``: the test split of that config file's data (``FILE.py:ROW``,
+  as ``evaluate --config`` takes it), kept as ``eval_TAG.json`` and ``sweep_TAG.json``.
+  """
   # pylint: disable=g-import-not-at-top
   from sean_jax import checkpointing
   from sean_jax.data import sources
   # pylint: enable=g-import-not-at-top
   out = {}
-  need_sweep = _stale(run_dir / "sweep.json")
+  suffix = f"_{test[1]}" if test else ""
+  eval_file, sweep_file = run_dir / f"eval{suffix}.json", run_dir / f"sweep{suffix}.json"
+  if test and not eval_file.exists():
+    code = evaluate.main(["--workdir", str(run_dir), "--split", "test", "--config",
+                          test[0], "--output", str(eval_file)])
+    if code:
+      raise RuntimeError(f"{run_dir}: evaluation on {test[0]} failed (exit {code})")
+  need_sweep = _stale(sweep_file)
   need_head = template is not None and _stale(run_dir / "normal_head.json")
   if need_sweep or need_head:
     model, config, _ = checkpointing.load_model(run_dir)
     model.eval()
+    if test:
+      config = evaluate.override_data(config, test[0])
     settings = evaluate.postprocess_settings(run_dir, config)
     if not model.aligner:
       settings["refine"] = False
@@ -84,17 +99,17 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES)
                    "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
                                               brain_mask=settings["brain_mask"],
                                               min_size_ml=0.0)},
-                  run_dir / "sweep.json")
+                  sweep_file)
     if need_head:
       evaluate.write_json_atomic({"version": VERSION, "template": str(template),
                                   "settings": settings,
                    "angles": normal_head.false_positives(model, config, template,
                                                          settings, angles=angles)},
                   run_dir / "normal_head.json")
-  out["sweep"] = json.loads((run_dir / "sweep.json").read_text())
+  out["sweep"] = json.loads(sweep_file.read_text())
   if (run_dir / "normal_head.json").exists():
     out["normal_head"] = json.loads((run_dir / "normal_head.json").read_text())
-  out["eval"] = json.loads((run_dir / "eval.json").read_text())
+  out["eval"] = json.loads(eval_file.read_text())
   out["validation"] = validation_curve(run_dir)
   return out
 
@@ -171,14 +186,17 @@ def _symmetric_flagged(sweep_result: dict, threshold: float = 0.5) -> dict:
 
 
 def run_study(workdir: Path, rows, seeds, template=None,
-              angles=normal_head.DEFAULT_ANGLES) -> dict:
+              angles=normal_head.DEFAULT_ANGLES, test_config=None, tag=None) -> dict:
+  """Every finished run (``eval.json``) of ``rows`` x ``seeds``; with ``test_config``
+  (a config file) tested on its data's test split instead, results tagged ``tag``."""
   runs: dict = {}
   for variant in rows:
     for seed in seeds:
       run_dir = workdir / variant / f"seed{seed}"
       if (run_dir / "eval.json").exists():
         print(f"analysing {variant} seed {seed}", flush=True)
-        runs.setdefault(variant, []).append(analyse_run(run_dir, template, angles))
+        test = (f"{test_config}:{variant}", tag) if test_config else None
+        runs.setdefault(variant, []).append(analyse_run(run_dir, template, angles, test))
   table = {v: [_row_numbers(r) for r in rs] for v, rs in runs.items()}
   pairs = []
   for a, b in PAIRS:
@@ -310,7 +328,18 @@ def main(argv=None) -> int:
                       "template_with_skull_2mm.nii.gz)")
   p.add_argument("--angles", default=",".join(f"{a:g}" for a in normal_head.DEFAULT_ANGLES),
                  help="in-plane rotations of the normal head, degrees")
+  p.add_argument("--test-config", default=None, type=Path, metavar="FILE.py",
+                 help="test on the test split of this config file's data (its "
+                      "get_config(ROW), the model settings unchanged) instead of the "
+                      "runs' own; needs --tag")
+  p.add_argument("--tag", default=None,
+                 help="name of the --test-config results: eval_TAG.json and "
+                      "sweep_TAG.json per run, WORKDIR/study_TAG.{md,json,png}")
   args = p.parse_args(argv)
+  if (args.test_config is None) != (args.tag is None):
+    p.error("--test-config and --tag go together")
+  if args.tag is not None and not args.tag.replace("_", "").replace("-", "").isalnum():
+    p.error(f"--tag must be letters, digits, - or _, got {args.tag!r}")
   try:
     angles = tuple(float(a) for a in args.angles.split(","))
   except ValueError:
@@ -325,15 +354,24 @@ def main(argv=None) -> int:
   if args.template is not None and not args.template.is_file():
     print(f"error: {args.template}: template not found", file=sys.stderr)
     return 1
-  result = run_study(args.workdir, args.rows.split(","), seeds, args.template, angles)
+  if args.test_config is not None and not args.test_config.is_file():
+    print(f"error: {args.test_config}: config file not found", file=sys.stderr)
+    return 1
+  try:
+    result = run_study(args.workdir, args.rows.split(","), seeds, args.template, angles,
+                       args.test_config, args.tag)
+  except RuntimeError as e:  # an evaluation on --test-config failed (it said why)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if not result["table"]:
     print(f"error: {args.workdir}: no finished run (eval.json) of {args.rows}",
           file=sys.stderr)
     return 1
+  name = "study" if args.tag is None else f"study_{args.tag}"
   text = markdown(result)
-  (args.workdir / "study.md").write_text(text)
-  evaluate.write_json_atomic(result, args.workdir / "study.json")
-  figure(result, args.workdir / "study.png")
+  (args.workdir / f"{name}.md").write_text(text)
+  evaluate.write_json_atomic(result, args.workdir / f"{name}.json")
+  figure(result, args.workdir / f"{name}.png")
   print(text)
-  print(f"wrote {args.workdir / 'study.md'}, study.json, study.png")
+  print(f"wrote {args.workdir / name}.md, {name}.json, {name}.png")
   return 0
