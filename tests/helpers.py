@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -244,3 +245,18 @@ def write_phantom_atlas(directory, size: int = 160) -> Path:
       nib.save(nib.Nifti1Image(np.ascontiguousarray(array.T), affine),
                str(directory / f"{kind}_{name}_50_69.nii.gz"))
   return directory
+
+
+@contextlib.contextmanager
+def most_xla_passes_off():
+  """Compile with most XLA optimisation passes off, restoring the setting after. At the
+  tests' tiny shapes compiling, not computing, is a jitted test's time, and checks of
+  the models' math (parity, finite gradients, two implementations agreeing) do not
+  depend on the passes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers  # tests/ is on sys.path under pytest
 from sean_jax.checkpointing import init_rngs
 from sean_jax.models import alignment, sampler
 from sean_jax.models.attention import SymmetryAttention, symmetry_attention_naive
@@ -30,15 +31,8 @@ def _highest_precision():
 
 @pytest.fixture
 def quick_compile():
-  """Most XLA optimisation passes off. At these tiny shapes compiling, not computing, is
-  a jitted test's time, and what such a test checks (finite gradients, two
-  implementations agreeing) does not depend on the passes."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
+  with helpers.most_xla_passes_off():
     yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def smooth_image(key, n, h, w):

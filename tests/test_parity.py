@@ -25,6 +25,7 @@ the new value): ``torch_var - m^k r0 == (flax_var - m^k r0) * n / (n - 1)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -40,9 +41,11 @@ from flax import nnx  # noqa: E402
 from sean_jax import losses  # noqa: E402
 from sean_jax.models import alignment, attention, sampler, sean, unet  # noqa: E402
 try:  # tests/ is on sys.path under pytest's default (prepend) import mode
+  import helpers  # noqa: E402
   from torch_reference import convert  # noqa: E402
   from torch_reference import modules as ref  # noqa: E402
 except ImportError:  # tests/ as a package (rootdir on sys.path)
+  from tests import helpers  # noqa: E402
   from tests.torch_reference import convert  # noqa: E402
   from tests.torch_reference import modules as ref  # noqa: E402
 
@@ -62,15 +65,14 @@ def _precision():
   of the models' math. ``SEAN_PARITY_XLA_OPT=1`` runs with the default passes.
   """
   previous = torch.get_float32_matmul_precision()
-  previous_opt = jax.config.read("jax_disable_most_optimizations")
   torch.set_float32_matmul_precision("highest")
-  if os.environ.get("SEAN_PARITY_XLA_OPT", "0") == "0":
-    jax.config.update("jax_disable_most_optimizations", True)
+  passes = (helpers.most_xla_passes_off()
+            if os.environ.get("SEAN_PARITY_XLA_OPT", "0") == "0"
+            else contextlib.nullcontext())
   try:
-    with jax.default_matmul_precision("highest"):
+    with passes, jax.default_matmul_precision("highest"):
       yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", previous_opt)
     torch.set_float32_matmul_precision(previous)
 
 

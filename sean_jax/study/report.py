@@ -58,8 +58,12 @@ PAIR_STATS = (("Dice", "dice"), ("lesion F1", "f1"), ("recall", "recall"),
               ("precision", "precision"), ("FP components per case", "fp_pred"))
 
 
-def _stale(path: Path) -> bool:
-  return not path.exists() or json.loads(path.read_text()).get("version", 1) < VERSION
+def _current(path: Path) -> dict | None:
+  """The cached per-run file at ``path``, or None when absent or older than VERSION."""
+  if not path.exists():
+    return None
+  content = json.loads(path.read_text())
+  return content if content.get("version", 1) >= VERSION else None
 
 
 def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES,
@@ -82,8 +86,10 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES,
                           test[0], "--output", str(eval_file)])
     if code:
       raise RuntimeError(f"{run_dir}: evaluation on {test[0]} failed (exit {code})")
-  need_sweep = _stale(sweep_file)
-  need_head = template is not None and _stale(run_dir / "normal_head.json")
+  head_file = run_dir / "normal_head.json"
+  out["sweep"] = _current(sweep_file)
+  head = _current(head_file) if template is not None else None
+  need_sweep, need_head = out["sweep"] is None, template is not None and head is None
   if need_sweep or need_head:
     model, config, _ = checkpointing.load_model(run_dir)
     model.eval()
@@ -95,20 +101,20 @@ def analyse_run(run_dir: Path, template=None, angles=normal_head.DEFAULT_ANGLES,
     if need_sweep:
       cases = sources.case_source(config, "test", brain_mask=settings["brain_mask"],
                                   tissue=True)
-      evaluate.write_json_atomic({"version": VERSION, "settings": settings,
-                   "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
-                                              brain_mask=settings["brain_mask"],
-                                              min_size_ml=0.0)},
-                  sweep_file)
+      out["sweep"] = {"version": VERSION, "settings": settings,
+                      "cases": sweep.sweep_cases(model, cases, refine=settings["refine"],
+                                                 brain_mask=settings["brain_mask"],
+                                                 min_size_ml=0.0)}
+      evaluate.write_json_atomic(out["sweep"], sweep_file)
     if need_head:
-      evaluate.write_json_atomic({"version": VERSION, "template": str(template),
-                                  "settings": settings,
-                   "angles": normal_head.false_positives(model, config, template,
-                                                         settings, angles=angles)},
-                  run_dir / "normal_head.json")
-  out["sweep"] = json.loads(sweep_file.read_text())
-  if (run_dir / "normal_head.json").exists():
-    out["normal_head"] = json.loads((run_dir / "normal_head.json").read_text())
+      head = {"version": VERSION, "template": str(template), "settings": settings,
+              "angles": normal_head.false_positives(model, config, template, settings,
+                                                    angles=angles)}
+      evaluate.write_json_atomic(head, head_file)
+  if head is None and head_file.exists():  # computed earlier, no --template now
+    head = json.loads(head_file.read_text())
+  if head is not None:
+    out["normal_head"] = head
   out["eval"] = json.loads(eval_file.read_text())
   out["validation"] = validation_curve(run_dir)
   return out
@@ -173,16 +179,12 @@ def _row_numbers(run: dict) -> dict:
   return numbers
 
 
-def _symmetric_flagged(sweep_result: dict, threshold: float = 0.5) -> dict:
+def _symmetric_flagged(sweep_result: dict) -> dict:
   """eval.json-like ``{"cases": [{"case_id", "flagged"}]}``: per test case with a
-  symmetric hypodensity, the share of its voxels predicted as lesion at ``threshold``."""
-  rows = []
-  for case in sweep_result["cases"]:
-    row = next(r for r in case["rows"] if r["threshold"] == threshold)
-    d = row.get("distractors", {}).get("symmetric_hypodensity", {"voxels": 0})
-    if d["voxels"]:
-      rows.append({"case_id": case["case_id"], "flagged": d["flagged"] / d["voxels"]})
-  return {"cases": rows}
+  symmetric hypodensity, the share of its voxels predicted as lesion at 0.5."""
+  return {"cases": [{"case_id": case_id, "flagged": d["flagged"] / d["voxels"]}
+                    for case_id, d in sweep.distractor_counts(
+                        sweep_result["cases"], "symmetric_hypodensity")]}
 
 
 def run_study(workdir: Path, rows, seeds, template=None,

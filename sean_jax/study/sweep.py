@@ -17,7 +17,7 @@ import numpy as np
 from sean_jax import metrics
 
 __all__ = ["DEFAULT_THRESHOLDS", "DISTRACTORS", "sweep_case", "sweep_cases", "curve",
-           "recall_at_fp", "distractors_flagged"]
+           "recall_at_fp", "distractor_counts", "distractors_flagged"]
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DISTRACTORS = ("symmetric_hypodensity", "old_infarct", "calcification")
@@ -32,6 +32,10 @@ def sweep_case(probs, ref, brain, spacing_mm, thresholds=DEFAULT_THRESHOLDS,
   probs = np.asarray(probs, np.float32)
   ref = np.asarray(ref) != 0
   voxel_ml = float(np.prod(np.asarray(spacing_mm, np.float64))) / 1000.0
+  # Each distractor's voxels are counted once, not at every threshold.
+  counted = None if distractors is None else {
+      name: (np.asarray(where, bool), int(np.count_nonzero(where)))
+      for name, where in distractors.items()}
   rows = []
   for t in thresholds:
     pred = probs > t
@@ -47,11 +51,10 @@ def sweep_case(probs, ref, brain, spacing_mm, thresholds=DEFAULT_THRESHOLDS,
                  "pred_voxels": int(np.count_nonzero(pred)),
                  "ref_voxels": int(np.count_nonzero(ref)),
                  "dice": metrics.dice(pred, ref)})
-    if distractors is not None:
+    if counted is not None:
       rows[-1]["distractors"] = {
-          name: {"voxels": int(np.count_nonzero(where)),
-                 "flagged": int(np.count_nonzero(pred & where))}
-          for name, where in distractors.items()}
+          name: {"voxels": voxels, "flagged": int(np.count_nonzero(pred & where))}
+          for name, (where, voxels) in counted.items()}
   return rows
 
 
@@ -60,6 +63,7 @@ def sweep_cases(model, cases, *, thresholds=DEFAULT_THRESHOLDS, refine: bool = T
   """Every case of a source: ``[{"case_id", "has_lesion", "rows": sweep_case(...)}]``."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sean_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from sean_jax.data.phantom import LABELS  # pylint: disable=g-import-not-at-top
   model = nnx.clone(model)
   model.eval()
   out = []
@@ -71,7 +75,6 @@ def sweep_cases(model, cases, *, thresholds=DEFAULT_THRESHOLDS, refine: bool = T
     ref = np.asarray(case["mask"]) != 0
     distractors = None
     if "tissue_labels" in case:
-      from sean_jax.data.phantom import LABELS  # pylint: disable=g-import-not-at-top
       distractors = {name: np.asarray(case["tissue_labels"]) == LABELS[name]
                      for name in DISTRACTORS}
     out.append({"case_id": case["case_id"], "has_lesion": bool(ref.any()),
@@ -80,14 +83,24 @@ def sweep_cases(model, cases, *, thresholds=DEFAULT_THRESHOLDS, refine: bool = T
   return out
 
 
+def distractor_counts(cases: list[dict], name: str, threshold: float = 0.5) -> list:
+  """``[(case_id, {"voxels", "flagged"})]`` of the cases that have distractor ``name``,
+  at ``threshold``."""
+  out = []
+  for case in cases:
+    row = next(r for r in case["rows"] if r["threshold"] == threshold)
+    counts = row.get("distractors", {}).get(name, {"voxels": 0})
+    if counts["voxels"]:
+      out.append((case["case_id"], counts))
+  return out
+
+
 def distractors_flagged(cases: list[dict], threshold: float = 0.5) -> dict:
   """Per distractor over the cases that have one, at ``threshold``: ``{name: {"cases",
   "cases_flagged" (any voxel predicted), "voxel_share" (predicted / all, pooled)}}``."""
   out = {}
   for name in DISTRACTORS:
-    rows = [r["distractors"][name] for c in cases for r in c["rows"]
-            if r["threshold"] == threshold and r.get("distractors", {}).get(name, {})
-            .get("voxels", 0) > 0]
+    rows = [counts for _, counts in distractor_counts(cases, name, threshold)]
     out[name] = {"cases": len(rows),
                  "cases_flagged": sum(r["flagged"] > 0 for r in rows),
                  "voxel_share": (metrics.safe_ratio(sum(r["flagged"] for r in rows),
